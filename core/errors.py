@@ -1,0 +1,86 @@
+"""The errors tierpool raises. One base class; each says who raises it and why."""
+
+from __future__ import annotations
+
+
+class TierpoolError(Exception):
+    """Base of every error tierpool raises on purpose."""
+
+
+class SettingsError(TierpoolError):
+    """Raised at start by ``core.settings`` when an environment variable is bad.
+
+    The message names the variable, so the operator knows what to fix.
+    """
+
+    def __init__(self, variable: str, value: str, problem: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{variable}={value!r}: {problem}")
+
+
+class TierConfigError(TierpoolError):
+    """Raised by ``core.tierconfig`` when a tier config is invalid.
+
+    Carries every problem found, not just the first, so one round trip with
+    the operator fixes them all.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid tier config: " + "; ".join(self.problems))
+
+
+class InvalidMessage(TierpoolError):
+    """Raised by ``schemas`` when a stream entry is not a valid message.
+
+    ``request_id`` is the entry's request id when it was usable, so the
+    worker can still send an ``invalid`` reply; ``error`` names the field.
+    """
+
+    def __init__(self, error: str, request_id: str | None = None) -> None:
+        self.error = error
+        self.request_id = request_id
+        super().__init__(error)
+
+
+class StaleConfig(TierpoolError):
+    """Raised by ``core.state`` when Redis holds a newer config than the caller's.
+
+    The caller refreshes its snapshot and runs the request again.
+    """
+
+    def __init__(self, used: int, current: int) -> None:
+        self.used = used
+        self.current = current
+        super().__init__(f"config version {used} is stale; Redis has {current}")
+
+
+class NotLeader(TierpoolError):
+    """Raised by leader-only operations when the fencing token is no longer current."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        super().__init__(f"leadership token {token!r} is no longer current")
+
+
+class RedisUnavailable(TierpoolError):
+    """Raised when Redis cannot be reached after the retries a caller allows."""
+
+    def __init__(self, what: str, cause: BaseException | None = None) -> None:
+        self.what = what
+        super().__init__(f"{what}: Redis unavailable ({cause!r})" if cause else what)
+
+
+class RequestTimeout(TierpoolError):
+    """Raised by the client when no reply arrived in time.
+
+    The request may still have happened: check state before retrying with a
+    new request id (the allocate call id is idempotent, so retrying it is safe).
+    """
+
+    def __init__(self, request_id: str, timeout_s: float) -> None:
+        self.request_id = request_id
+        self.timeout_s = timeout_s
+        super().__init__(f"no reply to {request_id} within {timeout_s:.3g}s")

@@ -1,0 +1,1 @@
+"""tierpool wire messages: msgspec Structs decoded from flat stream field maps."""

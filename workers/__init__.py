@@ -1,0 +1,1 @@
+"""tierpool workers: stream consumers, claimer, leader loop, entry points."""
