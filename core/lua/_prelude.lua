@@ -1,0 +1,207 @@
+-- tierpool prelude: prepended to every script by core/scripts.py.
+--
+-- Fixed KEYS layout of every script (core/state.py builds it):
+--   1 source stream (the request stream, or pods stream; for leader scripts
+--     any stream of the namespace: no entry is checked then)
+--   2 reply stream   3 events   4 config:version   5 merchants:version
+--   6 pod:pool  7 pod:endpoint  8 pod:zone  9 pod:capability  10 pod:labels
+--   11 pod:load 12 pod:calls   13 pod:seen  14 pod:draining   15 pool:count
+--   16 calls    17 leases      18 leader
+--   19.. pool table: per configured pool i (0-based), KEYS[19+2i] free:open
+--        and KEYS[20+2i] free:restricted
+-- Fixed ARGV layout:
+--   1 now_ms ("" = Redis TIME)  2 entry_id ("" = not from a stream)
+--   3 request_id ("" = no reply)  4 deadline_ms ("" = none)  5 reply_ttl_ms
+--   6 events_maxlen  7 config_version guard ("" = none)
+--   8 merchants_version guard ("" = none)  9 pod_ttl_ms  10 lease_ttl_ms
+--   11 draining_ttl_ms  12 n pools, then 4 per pool: name, max_concurrent,
+--   zone (restricted|open), capability; script arguments follow (ARG0).
+--
+-- Free-index invariant kept by every script: a pod is in
+-- pool:{P}:free:{Z} with score = its load iff it is registered, assigned to
+-- P, of zone Z, alive (seen within pod_ttl), not draining, and its load is
+-- below P's max_concurrent.
+
+local GROUP = 'tierpool'
+
+local K = {
+  stream = KEYS[1], reply = KEYS[2], events = KEYS[3],
+  cfgv = KEYS[4], mv = KEYS[5],
+  pool = KEYS[6], endpoint = KEYS[7], zone = KEYS[8], cap = KEYS[9],
+  labels = KEYS[10], load = KEYS[11], pcalls = KEYS[12], seen = KEYS[13],
+  draining = KEYS[14], count = KEYS[15], calls = KEYS[16], leases = KEYS[17],
+  leader = KEYS[18],
+}
+
+local function clock(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local H = {
+  now = clock(ARGV[1]), entry = ARGV[2], rid = ARGV[3],
+  deadline = tonumber(ARGV[4]) or 0, reply_ttl = ARGV[5], events_max = ARGV[6],
+  want_cfgv = ARGV[7], want_mv = ARGV[8],
+  pod_ttl = tonumber(ARGV[9]), lease_ttl = tonumber(ARGV[10]),
+  draining_ttl = tonumber(ARGV[11]),
+}
+
+-- The pool table: P[name] = {name, max, zone, cap, open = key, restricted = key}.
+local P, POOLS = {}, {}
+do
+  local n = tonumber(ARGV[12])
+  for i = 0, n - 1 do
+    local p = {
+      name = ARGV[13 + 4 * i], max = tonumber(ARGV[14 + 4 * i]),
+      zone = ARGV[15 + 4 * i], cap = tonumber(ARGV[16 + 4 * i]),
+      open = KEYS[19 + 2 * i], restricted = KEYS[20 + 2 * i],
+    }
+    P[p.name] = p
+    POOLS[i + 1] = p
+  end
+end
+local ARG0 = 13 + 4 * #POOLS
+
+local function int(x) return string.format('%d', x) end
+
+-- Step 1, exactly once: an entry no longer pending was processed by another delivery.
+local function still_pending()
+  if H.entry == '' then return true end
+  return #redis.call('XPENDING', K.stream, GROUP, H.entry, H.entry, 1) > 0
+end
+
+local function ack()
+  if H.entry ~= '' then redis.call('XACK', K.stream, GROUP, H.entry) end
+end
+
+-- The reply stream holds exactly one entry: a second delivery never adds one.
+local function reply(status, fields)
+  if H.rid == '' or redis.call('EXISTS', K.reply) == 1 then return end
+  local args = {'XADD', K.reply, '*', 'request_id', H.rid, 'status', status}
+  for i = 1, #fields do args[#args + 1] = fields[i] end
+  redis.call(unpack(args))
+  redis.call('PEXPIRE', K.reply, H.reply_ttl)
+end
+
+local function event(kind, fields)
+  local args = {'XADD', K.events, 'MAXLEN', '~', H.events_max, '*',
+                'event', kind, 'at_ms', int(H.now)}
+  if H.rid ~= '' then args[#args + 1] = 'request_id'; args[#args + 1] = H.rid end
+  for i = 1, #fields do args[#args + 1] = fields[i] end
+  redis.call(unpack(args))
+end
+
+-- Reply, ack, and return {status, fields...} to the caller.
+local function finish(status, fields)
+  reply(status, fields)
+  ack()
+  local out = {status}
+  for i = 1, #fields do out[#out + 1] = fields[i] end
+  return out
+end
+
+-- Steps 1-3 of every request script. Returns a result to return at once, or nil.
+local function begin()
+  if not still_pending() then return {'dup'} end
+  if H.deadline > 0 and H.now > H.deadline then
+    return finish('expired', {'error', 'deadline_ms ' .. int(H.deadline) ..
+      ' passed (now ' .. int(H.now) .. '); nothing was changed'})
+  end
+  local cfgv = redis.call('GET', K.cfgv) or '0'
+  local mv = redis.call('GET', K.mv) or '0'
+  if (H.want_cfgv ~= '' and H.want_cfgv ~= cfgv) or (H.want_mv ~= '' and H.want_mv ~= mv) then
+    return {'stale', cfgv, mv}
+  end
+  return nil
+end
+
+local function pod_alive(pod)
+  local seen = redis.call('ZSCORE', K.seen, pod)
+  return seen ~= false and tonumber(seen) + H.pod_ttl >= H.now
+end
+
+-- Put a pod in, or take it out of, its pool's free index, per the invariant.
+local function refresh_free(pod)
+  local pool = redis.call('HGET', K.pool, pod)
+  if not pool or pool == '' then return end
+  local p = P[pool]
+  if p == nil then return end
+  local zone = redis.call('HGET', K.zone, pod)
+  local key, other = p.open, p.restricted
+  if zone == 'restricted' then key, other = p.restricted, p.open end
+  redis.call('ZREM', other, pod)
+  local load = tonumber(redis.call('HGET', K.load, pod) or '0')
+  if load < p.max and pod_alive(pod)
+      and redis.call('ZSCORE', K.draining, pod) == false then
+    redis.call('ZADD', key, load, pod)
+  else
+    redis.call('ZREM', key, pod)
+  end
+end
+
+-- Take a pod out of every free index of the pool it is in.
+local function unindex(pod)
+  local pool = redis.call('HGET', K.pool, pod)
+  local p = pool and P[pool]
+  if p then
+    redis.call('ZREM', p.open, pod)
+    redis.call('ZREM', p.restricted, pod)
+  end
+end
+
+local function split_calls(s)
+  local out = {}
+  if s then for c in string.gmatch(s, '%S+') do out[#out + 1] = c end end
+  return out
+end
+
+-- End one live call: its record, lease, place in the pod's list and one unit
+-- of the pod's load go together. Returns the decoded record, or nil.
+local function end_call(call_id)
+  local raw = redis.call('HGET', K.calls, call_id)
+  if not raw then return nil end
+  local rec = cjson.decode(raw)
+  redis.call('HDEL', K.calls, call_id)
+  redis.call('ZREM', K.leases, call_id)
+  local pod = rec.pod
+  local kept = {}
+  for _, c in ipairs(split_calls(redis.call('HGET', K.pcalls, pod))) do
+    if c ~= call_id then kept[#kept + 1] = c end
+  end
+  if redis.call('HEXISTS', K.pool, pod) == 1 then
+    redis.call('HSET', K.pcalls, pod, table.concat(kept, ' '))
+    local load = redis.call('HINCRBY', K.load, pod, -1)
+    if load < 0 then redis.call('HSET', K.load, pod, 0) end
+    refresh_free(pod)
+  end
+  return rec
+end
+
+-- Remove a pod and end its calls; returns the list of ended call ids.
+local function remove_pod(pod, why)
+  local ended = {}
+  for _, c in ipairs(split_calls(redis.call('HGET', K.pcalls, pod))) do
+    local rec = end_call(c)
+    if rec then
+      ended[#ended + 1] = c
+      event('call_lost', {'call_id', c, 'pod_id', pod, 'pool', rec.pool, 'reason', why})
+    end
+  end
+  unindex(pod)
+  local pool = redis.call('HGET', K.pool, pod)
+  if pool and pool ~= '' then
+    if redis.call('HINCRBY', K.count, pool, -1) <= 0 then redis.call('HDEL', K.count, pool) end
+  end
+  for _, k in ipairs({K.pool, K.endpoint, K.zone, K.cap, K.labels, K.load, K.pcalls}) do
+    redis.call('HDEL', k, pod)
+  end
+  redis.call('ZREM', K.seen, pod)
+  redis.call('ZREM', K.draining, pod)
+  return ended, pool or ''
+end
+
+-- Leader scripts: nothing happens unless the caller holds the current lease.
+local function fenced(token)
+  return redis.call('GET', K.leader) ~= token
+end

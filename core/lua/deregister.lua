@@ -1,0 +1,22 @@
+-- deregister: a pod leaves; its calls end and are reported.
+--
+-- KEYS, ARGV 1-12+pools: the fixed layout in _prelude.lua.
+-- ARGV[ARG0..]: pod_id.
+-- Returns {status, reply fields...}: deregistered | unknown_pod | expired | dup | stale.
+--
+-- Invariants: the pod leaves every index and count in this one step; each
+-- of its calls ends with a call_lost event, so nothing points at a pod that
+-- is gone (anchor defect 16: the calls are reported, not silently purged).
+
+local early = begin()
+if early then return early end
+
+local pod = ARGV[ARG0]
+if redis.call('HEXISTS', K.pool, pod) == 0 then
+  return finish('unknown_pod', {'pod_id', pod})
+end
+local ended, pool = remove_pod(pod, 'pod_deregistered')
+local calls = '[]'
+if #ended > 0 then calls = cjson.encode(ended) end
+event('pod_deregistered', {'pod_id', pod, 'pool', pool, 'calls', calls})
+return finish('deregistered', {'pod_id', pod, 'pool', pool, 'calls', calls})

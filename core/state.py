@@ -1,0 +1,321 @@
+"""The pool state machine's Python API: one method per transition, batched.
+
+Workers hand a batch of decoded messages to :meth:`PoolState.run`; each
+becomes one script call (``core/lua``), and the whole batch goes to Redis in
+one pipelined round trip. A script that finds a newer config in Redis answers
+``stale``: the batch's stale calls are prepared again from a refreshed
+snapshot and resent, so no allocation is ever made on an old config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import orjson
+from redis.asyncio import Redis
+
+from core import placement
+from core.errors import TierConfigError
+from core.keys import Keys
+from core.scripts import Call, run_calls, script
+from core.settings import Settings
+from core.snapshot import ConfigSnapshot, SnapshotSource, dedicated_pools
+from core.tierconfig import TierConfig, parse_tier_config, to_json
+from schemas import (
+    AllocateRequest,
+    ConfigRequest,
+    DrainRequest,
+    PodDeregister,
+    PodHeartbeat,
+    PodRegister,
+    ReleaseRequest,
+)
+
+log = logging.getLogger(__name__)
+
+Message = (
+    AllocateRequest | ReleaseRequest | DrainRequest | ConfigRequest
+    | PodRegister | PodHeartbeat | PodDeregister
+)
+
+STALE_RETRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """Where a message came from: its stream and entry id (for exactly-once)."""
+
+    stream: str
+    entry_id: str
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a transition did: a reply status and the reply's fields.
+
+    Besides reply statuses, ``status`` may be ``dup`` (another delivery already
+    processed the entry: nothing happened, no reply), ``stale`` (still stale
+    after retries: nothing happened, the entry stays pending) or ``error``
+    (Redis refused the call: the entry stays pending and is retried).
+    """
+
+    status: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def acked(self) -> bool:
+        return self.status not in ("dup", "stale", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class _PoolTable:
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+
+
+class PoolState:
+    """Typed access to every state transition of one namespace."""
+
+    def __init__(
+        self, redis: Redis, keys: Keys, settings: Settings, source: SnapshotSource
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.settings = settings
+        self.source = source
+        k = keys
+        self._state_keys = (
+            k.pod_pool, k.pod_endpoint, k.pod_zone, k.pod_capability, k.pod_labels,
+            k.pod_load, k.pod_calls, k.pod_seen, k.pod_draining, k.pool_count,
+            k.calls, k.leases, k.leader,
+        )
+        s = settings
+        self._ttl_args = (
+            str(int(s.pod_ttl_s * 1000)), str(int(s.lease_ttl_s * 1000)),
+            str(int(s.draining_ttl_s * 1000)),
+        )
+        self._tables: dict[tuple[int, int, int], _PoolTable] = {}
+
+    # --- building calls -------------------------------------------------------
+    def _table(self, cfg: TierConfig) -> _PoolTable:
+        key = (id(cfg), cfg.version, len(cfg.pools))
+        table = self._tables.get(key)
+        if table is None:
+            keys: list[str] = []
+            args: list[str] = [str(len(cfg.pools))]
+            for name in cfg.pools:
+                tier = cfg.tier(name)
+                keys += [self.keys.pool_free(name, "open"), self.keys.pool_free(name, "restricted")]
+                args += [name, str(tier.max_concurrent), tier.zone, str(tier.capability)]
+            table = _PoolTable(tuple(keys), tuple(args))
+            if len(self._tables) > 16:
+                self._tables.clear()
+            self._tables[key] = table
+        return table
+
+    def _call(
+        self,
+        name: str,
+        snap: ConfigSnapshot,
+        *,
+        entry: Entry | None,
+        request_id: str | None,
+        deadline_ms: int | None,
+        now_ms: int | None,
+        args: Sequence[str],
+        guard_merchants: bool = False,
+        table_config: TierConfig | None = None,
+        extra_keys: Sequence[str] = (),
+    ) -> Call:
+        table = self._table(table_config or snap.config)
+        stream = entry.stream if entry else self.keys.events
+        reply = self.keys.reply(request_id) if request_id else self.keys.reply("-")
+        keys = (
+            stream, reply, self.keys.events, self.keys.config_version,
+            self.keys.merchants_version, *self._state_keys, *table.keys, *extra_keys,
+        )
+        header = (
+            "" if now_ms is None else str(now_ms),
+            entry.entry_id if entry else "",
+            request_id or "",
+            str(deadline_ms) if deadline_ms else "",
+            str(int(self.settings.reply_ttl_s * 1000)),
+            str(self.settings.events_maxlen),
+            str(snap.version),
+            str(snap.merchants_version) if guard_merchants else "",
+            *self._ttl_args,
+        )
+        return Call(script(name), keys, (*header, *table.args, *args))
+
+    def prepare(
+        self, msg: Message, snap: ConfigSnapshot, entry: Entry | None = None,
+        now_ms: int | None = None,
+    ) -> Call | Outcome:
+        """The script call for one message, or an ``invalid`` Outcome when the
+        message is well-formed but cannot apply to this snapshot (a config
+        that fails validation, a policy naming an unknown pool)."""
+        common = {"entry": entry, "request_id": msg.request_id,
+                  "deadline_ms": msg.deadline_ms, "now_ms": now_ms}
+        if isinstance(msg, AllocateRequest):
+            plan = placement.place(msg, snap)
+            prefix, suffix = placement.session_url_parts(
+                self.settings.voice_agent_base_url, msg.provider, msg.flow, msg.template)
+            reasons = orjson.dumps([r.as_dict() for r in plan.excluded]).decode()
+            return self._call("allocate", snap, guard_merchants=True, **common, args=(
+                msg.call_id, msg.merchant_id or "", plan.zone, prefix, suffix, reasons,
+                str(len(plan.candidates)), *plan.candidates))
+        if isinstance(msg, ReleaseRequest):
+            return self._call("release", snap, **common, args=(msg.call_id, msg.reason or ""))
+        if isinstance(msg, DrainRequest):
+            return self._call("drain", snap, **common,
+                              args=(msg.pod_id, msg.action, msg.reason or ""))
+        if isinstance(msg, PodRegister):
+            cands, fallback = placement.join_candidates(snap, msg.zone, msg.capability)
+            flat = [x for name, target in cands for x in (name, str(target))]
+            return self._call("register", snap, **common, args=(
+                msg.pod_id, msg.endpoint, msg.zone, str(msg.capability),
+                orjson.dumps(dict(msg.labels)).decode(), fallback, str(len(cands)), *flat))
+        if isinstance(msg, PodHeartbeat):
+            calls = msg.calls
+            return self._call("heartbeat", snap, **common, args=(
+                msg.pod_id, "0" if calls is None else "1", *(calls or ())))
+        if isinstance(msg, PodDeregister):
+            return self._call("deregister", snap, **common, args=(msg.pod_id,))
+        if isinstance(msg, ConfigRequest):
+            return self._prepare_config(msg, snap, common)
+        raise TypeError(f"no transition for {type(msg).__name__}")
+
+    def _prepare_config(
+        self, msg: ConfigRequest, snap: ConfigSnapshot, common: dict[str, object]
+    ) -> Call | Outcome:
+        cfg = snap.config
+        if msg.merchant_id is not None and (msg.merchant is not None or msg.remove_merchant):
+            policy_json = ""
+            if msg.merchant is not None:
+                problems = merchant_policy_problems(msg.merchant_id, msg.merchant, snap)
+                if problems:
+                    return Outcome("invalid", {"error": "; ".join(problems)})
+                policy_json = orjson.dumps(
+                    {k: v for k, v in (
+                        ("pool", msg.merchant.pool), ("fallback", msg.merchant.fallback),
+                        ("zone", msg.merchant.zone),
+                        ("min_capability", msg.merchant.min_capability)) if v is not None}
+                ).decode()
+            return self._call(
+                "merchant_set", snap, guard_merchants=True, extra_keys=(self.keys.merchants,),
+                args=(msg.merchant_id, policy_json, self.keys.config_changed),
+                **common)  # type: ignore[arg-type]
+        try:
+            new = parse_tier_config(msg.config or "", version=cfg.version + 1)
+        except TierConfigError as exc:
+            return Outcome("invalid", {"error": str(exc)})
+        removed = [p for p in cfg.pools if p not in new]
+        extra = [self.keys.config]
+        for name in removed:
+            extra += [self.keys.pool_free(name, "open"), self.keys.pool_free(name, "restricted")]
+        return self._call(
+            "config_apply", snap, table_config=new, extra_keys=extra,
+            args=("" if msg.expected_version is None else str(msg.expected_version),
+                  to_json(new), str(new.version), self.keys.config_changed,
+                  str(len(removed)), *removed),
+            **common)  # type: ignore[arg-type]
+
+    # --- running ----------------------------------------------------------------
+    async def run(
+        self,
+        items: Sequence[tuple[Message, Entry | None]],
+        now_ms: int | None = None,
+    ) -> list[Outcome]:
+        """Apply a batch: one pipelined round trip, plus one per stale retry."""
+        out: list[Outcome | None] = [None] * len(items)
+        todo = list(range(len(items)))
+        snap = self.source.current()
+        for attempt in range(STALE_RETRIES + 1):
+            calls: list[Call] = []
+            idx: list[int] = []
+            for i in todo:
+                msg, entry = items[i]
+                prepared = self.prepare(msg, snap, entry, now_ms)
+                if isinstance(prepared, Outcome):
+                    out[i] = prepared
+                else:
+                    calls.append(prepared)
+                    idx.append(i)
+            results = await run_calls(self.redis, calls) if calls else []
+            stale: list[int] = []
+            for i, res in zip(idx, results, strict=True):
+                outcome = _outcome(res)
+                if outcome.status == "stale" and attempt < STALE_RETRIES:
+                    stale.append(i)
+                else:
+                    out[i] = outcome
+            if not stale:
+                break
+            snap = await self.source.refresh()
+            todo = stale
+        return [o if o is not None else Outcome("stale") for o in out]
+
+    async def apply(self, msg: Message, entry: Entry | None = None,
+                    now_ms: int | None = None) -> Outcome:
+        """One message (tests, the CLI); the same path as a batch of one."""
+        (outcome,) = await self.run([(msg, entry)], now_ms)
+        return outcome
+
+    # --- dead letters -------------------------------------------------------------
+    def reject_call(
+        self, *, entry: Entry | None, request_id: str | None, error: str,
+        fields: dict[str, str], deliveries: int = 1, now_ms: int | None = None,
+    ) -> Call:
+        """Dead-letter an entry atomically: ``invalid`` reply, dead entry, XACK."""
+        snap_args = ("" if now_ms is None else str(now_ms), entry.entry_id if entry else "",
+                     request_id or "", "", str(int(self.settings.reply_ttl_s * 1000)),
+                     str(self.settings.events_maxlen), "", "", *self._ttl_args, "0")
+        keys = (entry.stream if entry else self.keys.events,
+                self.keys.reply(request_id or "-"), self.keys.events,
+                self.keys.config_version, self.keys.merchants_version, *self._state_keys,
+                self.keys.dead)
+        payload = orjson.dumps(fields).decode()
+        return Call(script("reject"), keys, (*snap_args, error, payload,
+                                             str(self.settings.dead_maxlen), str(deliveries)))
+
+
+def merchant_policy_problems(merchant_id: str, policy: object, snap: ConfigSnapshot) -> list[str]:
+    """Every reason a merchant policy cannot be stored against this snapshot."""
+    from schemas import MerchantPolicy
+
+    assert isinstance(policy, MerchantPolicy)
+    cfg = snap.config
+    problems: list[str] = []
+    dedicated = dedicated_pools(cfg)
+    if policy.pool is not None:
+        if policy.pool not in cfg:
+            problems.append(f"merchant.pool: tier {policy.pool!r} is not configured")
+        else:
+            owner = snap.owner_of(policy.pool)
+            if owner is not None and owner != merchant_id:
+                problems.append(
+                    f"merchant.pool: pool {policy.pool!r} is dedicated to merchant {owner!r}")
+    for name in policy.fallback or ():
+        if name not in cfg:
+            problems.append(f"merchant.fallback: tier {name!r} is not configured")
+        elif name in dedicated and snap.owner_of(name) not in (None, merchant_id):
+            problems.append(
+                f"merchant.fallback: pool {name!r} is dedicated to merchant "
+                f"{snap.owner_of(name)!r}")
+    return problems
+
+
+def _outcome(result: object) -> Outcome:
+    if isinstance(result, BaseException):
+        log.warning("script call failed: %s", result)
+        return Outcome("error", {"error": str(result)})
+    if not isinstance(result, list) or not result:
+        return Outcome("error", {"error": f"unexpected script result {result!r}"})
+    status = str(result[0])
+    if status == "stale":
+        return Outcome("stale", {"config_version": str(result[1]),
+                                 "merchants_version": str(result[2])})
+    it = iter(result[1:])
+    return Outcome(status, {str(k): str(v) for k, v in zip(it, it, strict=True)})
