@@ -1,1 +1,4 @@
-"""tierpool core: domain logic, Lua scripts, config cache and leader. Imports nothing from workers."""
+"""tierpool core: domain logic, Lua scripts, config cache and leader.
+
+Nothing here imports ``workers``.
+"""

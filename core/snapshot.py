@@ -84,7 +84,7 @@ async def read_snapshot(redis: Redis, keys: Keys, fallback: TierConfig) -> Confi
         raw, version, merchants_raw, mv = await pipe.execute()
     if raw is None:
         return None
-    config = parse_tier_config(raw, version=int(version or 0))
+    config = parse_tier_config(raw, version=int(version or 0), strict=False)
     merchants = {m: decode_policy(p) for m, p in (merchants_raw or {}).items()}
     return ConfigSnapshot(config, MappingProxyType(merchants), int(mv or 0))
 

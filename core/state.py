@@ -70,6 +70,17 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class _Origin:
+    """Who asked: the entry (for exactly-once), the reply key and the deadline."""
+
+    entry: Entry | None
+    request_id: str | None
+    deadline_ms: int | None
+    now_ms: int | None
+
+
+
+@dataclass(frozen=True, slots=True)
 class _PoolTable:
     keys: tuple[str, ...]
     args: tuple[str, ...]
@@ -119,17 +130,15 @@ class PoolState:
         self,
         name: str,
         snap: ConfigSnapshot,
-        *,
-        entry: Entry | None,
-        request_id: str | None,
-        deadline_ms: int | None,
-        now_ms: int | None,
+        origin: _Origin,
         args: Sequence[str],
+        *,
         guard_merchants: bool = False,
         table_config: TierConfig | None = None,
         extra_keys: Sequence[str] = (),
     ) -> Call:
         table = self._table(table_config or snap.config)
+        entry, request_id = origin.entry, origin.request_id
         stream = entry.stream if entry else self.keys.events
         reply = self.keys.reply(request_id) if request_id else self.keys.reply("-")
         keys = (
@@ -137,10 +146,10 @@ class PoolState:
             self.keys.merchants_version, *self._state_keys, *table.keys, *extra_keys,
         )
         header = (
-            "" if now_ms is None else str(now_ms),
+            "" if origin.now_ms is None else str(origin.now_ms),
             entry.entry_id if entry else "",
             request_id or "",
-            str(deadline_ms) if deadline_ms else "",
+            str(origin.deadline_ms) if origin.deadline_ms else "",
             str(int(self.settings.reply_ttl_s * 1000)),
             str(self.settings.events_maxlen),
             str(snap.version),
@@ -156,39 +165,37 @@ class PoolState:
         """The script call for one message, or an ``invalid`` Outcome when the
         message is well-formed but cannot apply to this snapshot (a config
         that fails validation, a policy naming an unknown pool)."""
-        common = {"entry": entry, "request_id": msg.request_id,
-                  "deadline_ms": msg.deadline_ms, "now_ms": now_ms}
+        common = _Origin(entry, msg.request_id, msg.deadline_ms, now_ms)
         if isinstance(msg, AllocateRequest):
             plan = placement.place(msg, snap)
             prefix, suffix = placement.session_url_parts(
                 self.settings.voice_agent_base_url, msg.provider, msg.flow, msg.template)
             reasons = orjson.dumps([r.as_dict() for r in plan.excluded]).decode()
-            return self._call("allocate", snap, guard_merchants=True, **common, args=(
+            return self._call("allocate", snap, common, (
                 msg.call_id, msg.merchant_id or "", plan.zone, prefix, suffix, reasons,
-                str(len(plan.candidates)), *plan.candidates))
+                str(len(plan.candidates)), *plan.candidates), guard_merchants=True)
         if isinstance(msg, ReleaseRequest):
-            return self._call("release", snap, **common, args=(msg.call_id, msg.reason or ""))
+            return self._call("release", snap, common, (msg.call_id, msg.reason or ""))
         if isinstance(msg, DrainRequest):
-            return self._call("drain", snap, **common,
-                              args=(msg.pod_id, msg.action, msg.reason or ""))
+            return self._call("drain", snap, common, (msg.pod_id, msg.action, msg.reason or ""))
         if isinstance(msg, PodRegister):
             cands, fallback = placement.join_candidates(snap, msg.zone, msg.capability)
             flat = [x for name, target in cands for x in (name, str(target))]
-            return self._call("register", snap, **common, args=(
+            return self._call("register", snap, common, (
                 msg.pod_id, msg.endpoint, msg.zone, str(msg.capability),
                 orjson.dumps(dict(msg.labels)).decode(), fallback, str(len(cands)), *flat))
         if isinstance(msg, PodHeartbeat):
             calls = msg.calls
-            return self._call("heartbeat", snap, **common, args=(
+            return self._call("heartbeat", snap, common, (
                 msg.pod_id, "0" if calls is None else "1", *(calls or ())))
         if isinstance(msg, PodDeregister):
-            return self._call("deregister", snap, **common, args=(msg.pod_id,))
+            return self._call("deregister", snap, common, (msg.pod_id,))
         if isinstance(msg, ConfigRequest):
             return self._prepare_config(msg, snap, common)
         raise TypeError(f"no transition for {type(msg).__name__}")
 
     def _prepare_config(
-        self, msg: ConfigRequest, snap: ConfigSnapshot, common: dict[str, object]
+        self, msg: ConfigRequest, snap: ConfigSnapshot, common: _Origin
     ) -> Call | Outcome:
         cfg = snap.config
         if msg.merchant_id is not None and (msg.merchant is not None or msg.remove_merchant):
@@ -204,9 +211,9 @@ class PoolState:
                         ("min_capability", msg.merchant.min_capability)) if v is not None}
                 ).decode()
             return self._call(
-                "merchant_set", snap, guard_merchants=True, extra_keys=(self.keys.merchants,),
-                args=(msg.merchant_id, policy_json, self.keys.config_changed),
-                **common)  # type: ignore[arg-type]
+                "merchant_set", snap, common,
+                (msg.merchant_id, policy_json, self.keys.config_changed),
+                guard_merchants=True, extra_keys=(self.keys.merchants,))
         try:
             new = parse_tier_config(msg.config or "", version=cfg.version + 1)
         except TierConfigError as exc:
@@ -216,11 +223,11 @@ class PoolState:
         for name in removed:
             extra += [self.keys.pool_free(name, "open"), self.keys.pool_free(name, "restricted")]
         return self._call(
-            "config_apply", snap, table_config=new, extra_keys=extra,
-            args=("" if msg.expected_version is None else str(msg.expected_version),
-                  to_json(new), str(new.version), self.keys.config_changed,
-                  str(len(removed)), *removed),
-            **common)  # type: ignore[arg-type]
+            "config_apply", snap, common,
+            ("" if msg.expected_version is None else str(msg.expected_version),
+             to_json(new), str(new.version), self.keys.config_changed,
+             str(len(removed)), *removed),
+            table_config=new, extra_keys=extra)
 
     # --- running ----------------------------------------------------------------
     async def run(
@@ -262,6 +269,20 @@ class PoolState:
         """One message (tests, the CLI); the same path as a batch of one."""
         (outcome,) = await self.run([(msg, entry)], now_ms)
         return outcome
+
+    def leader_call(
+        self, name: str, snap: ConfigSnapshot, args: Sequence[str],
+        *, extra_keys: Sequence[str] = (), now_ms: int | None = None,
+    ) -> Call:
+        """A call of a leader script (reap, move, gauges) with the fixed layout.
+
+        ``args`` start with the fencing token; the script does nothing unless
+        it is the current one, and answers ``{"stale", ...}`` when Redis holds
+        a newer config than ``snap`` (an old pool table could re-index a pod
+        under an old, larger max_concurrent). No entry, no reply.
+        """
+        origin = _Origin(None, None, None, now_ms)
+        return self._call(name, snap, origin, args, extra_keys=extra_keys)
 
     # --- dead letters -------------------------------------------------------------
     def reject_call(

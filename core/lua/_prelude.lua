@@ -205,3 +205,12 @@ end
 local function fenced(token)
   return redis.call('GET', K.leader) ~= token
 end
+
+-- Leader scripts: the caller's pool table must be the config in force.
+local function leader_stale()
+  local cfgv = redis.call('GET', K.cfgv) or '0'
+  if H.want_cfgv ~= '' and H.want_cfgv ~= cfgv then
+    return {'stale', cfgv, redis.call('GET', K.mv) or '0'}
+  end
+  return nil
+end

@@ -2,7 +2,7 @@
 --
 -- KEYS, ARGV 1-12+pools: the fixed layout in _prelude.lua (no entry, no reply).
 -- KEYS[19 + 2n]: the gauges hash. ARGV[ARG0..]: fencing token.
--- Returns {'fenced'} or {'ok', gauges JSON}.
+-- Returns {'fenced'}, {'stale', ...} or {'ok', gauges JSON}.
 --
 -- Why here: every replica exports what the leader computed, so all /metrics
 -- agree (anchor §12: its gauges were per process and drifted). Pod states:
@@ -11,10 +11,12 @@
 
 local token = ARGV[ARG0]
 if fenced(token) then return {'fenced'} end
+local stale = leader_stale()
+if stale then return stale end
 local out = {pools = {}, unassigned = 0, active_calls = redis.call('HLEN', K.calls),
              at_ms = H.now}
 for _, p in ipairs(POOLS) do
-  out.pools[p.name] = {target = 0, pods = 0, free = 0, busy = 0, full = 0, draining = 0,
+  out.pools[p.name] = {pods = 0, free = 0, busy = 0, full = 0, draining = 0,
                        silent = 0, calls = 0, free_capacity = 0, max_concurrent = p.max}
 end
 local assigned = redis.call('HGETALL', K.pool)

@@ -3,7 +3,7 @@
 -- KEYS, ARGV 1-12+pools: the fixed layout in _prelude.lua (no entry, no reply).
 -- ARGV[ARG0..]: fencing token, pod_id, from pool ("" = unassigned), to pool,
 --   reason (assign|rebalance).
--- Returns {'fenced'}, {'moved'} or {'skipped', why}.
+-- Returns {'fenced'}, {'stale', ...}, {'moved'} or {'skipped', why}.
 --
 -- Invariants: only the current leader moves pods; a pod leaving a pool must
 -- be idle: no call, no load, no drain mark (anchor: never move a busy,
@@ -12,6 +12,8 @@
 
 local token, pod, from, to, why = ARGV[ARG0], ARGV[ARG0 + 1], ARGV[ARG0 + 2], ARGV[ARG0 + 3], ARGV[ARG0 + 4]
 if fenced(token) then return {'fenced'} end
+local stale = leader_stale()
+if stale then return stale end
 local cur = redis.call('HGET', K.pool, pod)
 if cur == false then return {'skipped', 'pod is not registered'} end
 if cur ~= from then return {'skipped', 'pod is in pool ' .. cur .. ', not ' .. from} end

@@ -2,7 +2,8 @@
 --
 -- KEYS, ARGV 1-12+pools: the fixed layout in _prelude.lua (no entry, no reply).
 -- ARGV[ARG0..]: fencing token ({holder}:{term}), max items per kind.
--- Returns {'fenced'} or {'ok', leases ended, pods removed, drains lapsed}.
+-- Returns {'fenced'}, {'stale', cfg_version, merchants_version} or
+-- {'ok', leases ended, pods removed, drains lapsed}.
 --
 -- Invariants: nothing changes unless the caller holds the current leader
 -- lease; every repair reads an index (no SCAN) and is one atomic step; an
@@ -12,6 +13,8 @@
 
 local token, limit = ARGV[ARG0], ARGV[ARG0 + 1]
 if fenced(token) then return {'fenced'} end
+local stale = leader_stale()
+if stale then return stale end
 
 local leases = 0
 for _, c in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', H.now, 'LIMIT', 0, limit)) do

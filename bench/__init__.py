@@ -1,0 +1,1 @@
+"""Benchmarks: ``tierpool bench`` (see bench/run.py)."""

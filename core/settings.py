@@ -1,0 +1,455 @@
+"""Process settings, read once from the environment at start.
+
+Every setting is one field of :class:`Settings`: its unit is in its name
+(``lease_ttl_s``, ``block_ms``), its default is the field's default (defined
+here and nowhere else), and the environment variable that sets it is in the
+field's metadata. The anchor's variable names and defaults are kept
+(``LEASE_TTL=15m``...) so an existing deployment's settings carry over; our
+own knobs are prefixed ``TIERPOOL_``.
+
+A bad value stops the process at start with a
+:class:`~core.errors.SettingsError` naming the variable, rather than failing
+an hour later in a loop that happens to use it. An empty variable counts as
+unset (Kubernetes manifests often set ``VAR: ""`` to mean "default").
+
+Units: a duration handed straight to a Redis command that takes
+milliseconds (``BLOCK``, ``XAUTOCLAIM`` min-idle, ``SET PX``) is an ``int``
+``_ms`` field; every other duration is a ``float`` ``_s`` field, with ``_ms``
+properties for the TTLs the Lua scripts take as ``ARGV``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from core.durations import format_duration, parse_duration_ns
+from core.errors import SettingsError, TierConfigError
+from core.keys import valid_namespace
+from core.tierconfig import TierConfig, parse_tier_config
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "console"]
+
+_MASK: Final = "***"
+_NS_PER_MS: Final = 1_000_000
+_NS_PER_S: Final = 1_000_000_000
+_DIGITS: Final = re.compile(r"[0-9]+")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password and any query value that may be a secret replaced by ``***``.
+
+    A user name alone is masked too: ``redis://secret@host`` is a common
+    mistake for ``redis://:secret@host``. Query values are kept only for keys
+    known to be harmless (``db``, ``protocol``...), so an unfamiliar key such
+    as ``token`` or ``X-Amz-Signature`` is never printed; a fragment is masked.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:{_MASK}@{hostport}" if colon else f"{_MASK}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, v if k.lower() in _HARMLESS_QUERY_KEYS else _MASK) for k, v in pairs],
+            safe="*",
+        )
+    if netloc == parts.netloc and query == parts.query and not parts.fragment:
+        return url  # nothing to hide: show it exactly as given
+    # Built by hand: urlunsplit would turn "unix:///path" into "unix:/path".
+    tail = (f"?{query}" if query else "") + (f"#{_MASK}" if parts.fragment else "")
+    return f"{parts.scheme}://{netloc}{parts.path}{tail}"
+
+
+_HARMLESS_QUERY_KEYS: Final = frozenset(
+    {
+        "db",
+        "protocol",
+        "ssl_cert_reqs",
+        "decode_responses",
+        "health_check_interval",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "retry_on_timeout",
+        "max_connections",
+        "client_name",
+    }
+)
+
+
+def _url_problem(text: str, schemes: tuple[str, ...]) -> str | None:
+    """Why ``text`` is not a usable URL with one of ``schemes``, or ``None``."""
+    expected = f"must be a URL starting with {' or '.join(s + '://' for s in schemes)}"
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # e.g. an unbalanced "[" in the host
+        return f"{expected} ({exc})"
+    if parts.scheme not in schemes:
+        return expected
+    try:
+        parts.port  # noqa: B018  # raises on a port that is not a number or out of range
+    except ValueError:
+        return "the port must be a number from 0 to 65535"
+    if parts.scheme == "unix":
+        return None if parts.path else f"{expected} (unix:// needs a socket path)"
+    if not parts.hostname:
+        return f"{expected} and a host"
+    if parts.scheme in ("redis", "rediss"):
+        db = parts.path.lstrip("/")
+        if db and not _DIGITS.fullmatch(db):
+            return f"the path must be a database number such as /0, got {parts.path!r}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Var:
+    """How one field is read from the environment, checked and shown.
+
+    ``parse`` turns the text into a value or raises ``ValueError`` with the
+    problem; ``check`` returns a problem or ``None`` (it also runs on values
+    given to the constructor directly); ``show`` renders a value for logs
+    and ``redact`` the raw text for an error message: neither may reveal a
+    secret.
+    """
+
+    env: str
+    parse: Callable[[str], Any]
+    check: Callable[[Any], str | None]
+    show: Callable[[Any], str]
+    redact: Callable[[str], str] = str
+
+
+def _duration_s(env: str, *, allow_zero: bool = False) -> dict[str, _Var]:
+    def parse(text: str) -> float:
+        return parse_duration_ns(text) / _NS_PER_S
+
+    def check(value: float) -> str | None:
+        if value < 0 or (value == 0 and not allow_zero):
+            return "must be at least 0s" if allow_zero else "must be longer than 0s"
+        return None
+
+    return {"var": _Var(env, parse, check, format_duration)}
+
+
+def _duration_ms(env: str) -> dict[str, _Var]:
+    def parse(text: str) -> int:
+        # Nearest millisecond: Redis has no finer unit for these commands.
+        return (parse_duration_ns(text) + _NS_PER_MS // 2) // _NS_PER_MS
+
+    def check(value: int) -> str | None:
+        return None if value >= 1 else "must be at least 1ms"
+
+    def show(value: int) -> str:
+        return format_duration(value / 1000)
+
+    return {"var": _Var(env, parse, check, show)}
+
+
+def _integer(env: str, low: int, high: int) -> dict[str, _Var]:
+    def parse(text: str) -> int:
+        # int() would also take "1_000", " +5" and non-ASCII digits.
+        if not _DIGITS.fullmatch(text):
+            raise ValueError(f"must be a whole number from {low} to {high}")
+        return int(text)
+
+    def check(value: int) -> str | None:
+        return None if low <= value <= high else f"must be from {low} to {high}"
+
+    return {"var": _Var(env, parse, check, str)}
+
+
+def _choice(env: str, choices: tuple[str, ...], aliases: Mapping[str, str]) -> dict[str, _Var]:
+    spelled = "|".join((*choices, *aliases))
+
+    def parse(text: str) -> str:
+        value = text.lower()
+        value = aliases.get(value, value)
+        if value not in choices:
+            raise ValueError(f"must be one of {spelled}")
+        return value
+
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {spelled}"
+
+    return {"var": _Var(env, parse, check, str)}
+
+
+def _url(
+    env: str, schemes: tuple[str, ...], *, optional: bool = False, base: bool = False
+) -> dict[str, _Var]:
+    """A URL; ``base=True`` drops trailing slashes so ``base + "/path"`` has no ``//``."""
+
+    def parse(text: str) -> str:
+        problem = _url_problem(text, schemes)
+        if problem:
+            raise ValueError(problem)
+        return text.rstrip("/") if base else text
+
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return None if optional else "must be set"
+        return _url_problem(value, schemes)
+
+    def show(value: str | None) -> str:
+        return "" if value is None else mask_url(value)
+
+    return {"var": _Var(env, parse, check, show, redact=mask_url)}
+
+
+def _namespace(env: str) -> dict[str, _Var]:
+    def check(value: str) -> str | None:
+        if valid_namespace(value):
+            return None
+        return "must be 1-64 chars of [A-Za-z0-9._:-] (it goes inside a Redis hash tag)"
+
+    def parse(text: str) -> str:
+        problem = check(text)
+        if problem:
+            raise ValueError(problem)
+        return text
+
+    return {"var": _Var(env, parse, check, str)}
+
+
+def _tier_config(env: str) -> dict[str, _Var]:
+    def check(value: str) -> str | None:
+        try:
+            parse_tier_config(value)
+        except TierConfigError as exc:
+            return "; ".join(exc.problems)
+        return None
+
+    def parse(text: str) -> str:
+        problem = check(text)
+        if problem:
+            raise ValueError(problem)
+        return text
+
+    return {"var": _Var(env, parse, check, str)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything a tierpool process is configured with. Immutable; build with :meth:`from_env`.
+
+    ``Settings()`` is the defaults; the constructor checks every field and
+    the cross-field rules, so a ``dataclasses.replace`` in a test cannot
+    build an inconsistent value either.
+    """
+
+    # --- the anchor's variables (contract) ---------------------------------
+    redis_url: str = field(
+        default="redis://localhost:6379",
+        metadata=_url("REDIS_URL", ("redis", "rediss", "unix")),
+    )
+    tier_config_raw: str = field(default="", metadata=_tier_config("TIER_CONFIG"))
+    """The env tier config as given; empty means the built-in default."""
+    lease_ttl_s: float = field(default=15 * 60, metadata=_duration_s("LEASE_TTL"))
+    draining_ttl_s: float = field(default=6 * 60, metadata=_duration_s("DRAINING_TTL"))
+    cleanup_interval_s: float = field(default=30, metadata=_duration_s("CLEANUP_INTERVAL"))
+    reconcile_interval_s: float = field(default=60, metadata=_duration_s("RECONCILE_INTERVAL"))
+    call_info_ttl_s: float = field(default=60 * 60, metadata=_duration_s("CALL_INFO_TTL"))
+    metrics_port: int = field(default=9090, metadata=_integer("METRICS_PORT", 1, 65535))
+    log_level: LogLevel = field(
+        default="info",
+        metadata=_choice("LOG_LEVEL", ("debug", "info", "warning", "error"), {"warn": "warning"}),
+    )
+    log_format: LogFormat = field(
+        default="json", metadata=_choice("LOG_FORMAT", ("json", "console"), {})
+    )
+    voice_agent_base_url: str = field(
+        default="wss://localhost:8081",
+        metadata=_url("VOICE_AGENT_BASE_URL", ("ws", "wss", "http", "https"), base=True),
+    )
+    """Base of every reply's ``session_url``."""
+
+    # --- new in the contract -------------------------------------------------
+    namespace: str = field(default="default", metadata=_namespace("TIERPOOL_NAMESPACE"))
+    pod_ttl_s: float = field(default=15, metadata=_duration_s("POD_TTL"))
+    reply_ttl_s: float = field(default=60, metadata=_duration_s("REPLY_TTL"))
+
+    # --- upstream tier config source ---------------------------------------
+    tier_config_url: str | None = field(
+        default=None, metadata=_url("TIER_CONFIG_URL", ("http", "https"), optional=True)
+    )
+    tier_config_ttl_s: float = field(
+        default=30 * 60, metadata=_duration_s("TIER_CONFIG_TTL_SECONDS")
+    )
+
+    # --- worker tunables -----------------------------------------------------
+    batch_size: int = field(default=256, metadata=_integer("TIERPOOL_BATCH_SIZE", 1, 10_000))
+    """Entries read per XREADGROUP and run per pipelined round trip."""
+    block_ms: int = field(default=1_000, metadata=_duration_ms("TIERPOOL_BLOCK"))
+    """XREADGROUP BLOCK: how long a read waits for new entries."""
+    claim_min_idle_ms: int = field(default=15_000, metadata=_duration_ms("TIERPOOL_CLAIM_MIN_IDLE"))
+    """XAUTOCLAIM min-idle: an entry pending this long belongs to a dead consumer."""
+    claim_interval_s: float = field(default=5, metadata=_duration_s("TIERPOOL_CLAIM_INTERVAL"))
+    max_deliveries: int = field(default=5, metadata=_integer("TIERPOOL_MAX_DELIVERIES", 1, 1_000))
+    """Deliveries after which an entry is dead-lettered instead of retried."""
+    leader_lease_ms: int = field(default=2_000, metadata=_duration_ms("TIERPOOL_LEADER_LEASE"))
+    leader_renew_s: float = field(default=0.5, metadata=_duration_s("TIERPOOL_LEADER_RENEW"))
+    config_resync_s: float = field(default=30, metadata=_duration_s("TIERPOOL_CONFIG_RESYNC"))
+    """Safety-net re-read of the config, in case a pub/sub notice was missed."""
+    merchant_cache_ttl_s: float = field(
+        default=30, metadata=_duration_s("TIERPOOL_MERCHANT_CACHE_TTL")
+    )
+    stream_maxlen: int = field(
+        default=100_000, metadata=_integer("TIERPOOL_STREAM_MAXLEN", 1, 10**9)
+    )
+    """Approximate cap of each request stream (``MAXLEN ~``)."""
+    events_maxlen: int = field(
+        default=100_000, metadata=_integer("TIERPOOL_EVENTS_MAXLEN", 1, 10**9)
+    )
+    dead_maxlen: int = field(default=10_000, metadata=_integer("TIERPOOL_DEAD_MAXLEN", 1, 10**9))
+    shutdown_grace_s: float = field(
+        default=10, metadata=_duration_s("TIERPOOL_SHUTDOWN_GRACE", allow_zero=True)
+    )
+    """How long a stopping worker lets the batch in hand finish before cancelling it."""
+    heartbeat_s: float = field(default=5, metadata=_duration_s("TIERPOOL_HEARTBEAT"))
+    """Pod agent heartbeat interval."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            var: _Var = f.metadata["var"]
+            value = getattr(self, f.name)
+            problem = var.check(value)
+            if problem:
+                raise SettingsError(var.env, var.show(value), problem)
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Rules between fields: each would otherwise fail later, quietly."""
+        if self.leader_renew_s * 2 > self.leader_lease_ms / 1000:
+            self._fail(
+                "leader_renew_s",
+                f"must be at most half of TIERPOOL_LEADER_LEASE "
+                f"({format_duration(self.leader_lease_ms / 1000)}), so that one late "
+                "renewal does not lose the leadership",
+            )
+        if self.claim_min_idle_ms <= self.block_ms:
+            self._fail(
+                "claim_min_idle_ms",
+                f"must be longer than TIERPOOL_BLOCK ({format_duration(self.block_ms / 1000)}), "
+                "or entries a live worker is still processing would be claimed from it",
+            )
+        if self.heartbeat_s * 2 > self.pod_ttl_s:
+            self._fail(
+                "heartbeat_s",
+                f"must be at most half of POD_TTL ({format_duration(self.pod_ttl_s)}), "
+                "so that one lost heartbeat does not declare a live pod gone",
+            )
+        if self.lease_ttl_s <= self.pod_ttl_s:
+            self._fail(
+                "lease_ttl_s",
+                f"must be longer than POD_TTL ({format_duration(self.pod_ttl_s)}): heartbeats "
+                "renew call leases, so a live pod's calls must outlast a missed heartbeat",
+            )
+        if self.stream_maxlen < self.batch_size:
+            self._fail(
+                "stream_maxlen",
+                f"must be at least TIERPOOL_BATCH_SIZE ({self.batch_size}), or a request "
+                "stream could be trimmed below one batch of unread entries",
+            )
+
+    def _fail(self, name: str, problem: str) -> None:
+        var = _var(name)
+        raise SettingsError(var.env, var.show(getattr(self, name)), problem)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        """Read every setting from ``env``; unset or empty variables keep their defaults.
+
+        Raises :class:`~core.errors.SettingsError` naming the first bad
+        variable (in field order). Values that may hold a password are
+        masked in the error, since it goes to logs.
+        """
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var: _Var = f.metadata["var"]
+            raw = env.get(var.env)
+            if raw is None or not raw.strip():
+                continue
+            text = raw.strip()
+            try:
+                value = var.parse(text)
+            except ValueError as exc:
+                raise SettingsError(var.env, var.redact(text), str(exc)) from None
+            problem = var.check(value)
+            if problem:
+                raise SettingsError(var.env, var.redact(text), problem)
+            values[f.name] = value
+        return cls(**values)
+
+    def describe(self) -> dict[str, str]:
+        """Every setting by environment variable name, as text for the CLI and logs.
+
+        Passwords in URLs are masked (``redis://user:***@host:6379``).
+        """
+        return {_var(f.name).env: _var(f.name).show(getattr(self, f.name)) for f in fields(self)}
+
+    def tier_config(self) -> TierConfig:
+        """The tier config ``TIER_CONFIG`` gives (the built-in default when empty), version 0.
+
+        Only a starting point: the config in Redis, when present, wins.
+        """
+        return parse_tier_config(self.tier_config_raw)
+
+    # Lua scripts take milliseconds; derive them here rather than at every call.
+    @property
+    def lease_ttl_ms(self) -> int:
+        return _to_ms(self.lease_ttl_s)
+
+    @property
+    def draining_ttl_ms(self) -> int:
+        return _to_ms(self.draining_ttl_s)
+
+    @property
+    def call_info_ttl_ms(self) -> int:
+        return _to_ms(self.call_info_ttl_s)
+
+    @property
+    def pod_ttl_ms(self) -> int:
+        return _to_ms(self.pod_ttl_s)
+
+    @property
+    def reply_ttl_ms(self) -> int:
+        return _to_ms(self.reply_ttl_s)
+
+
+def env_variables() -> tuple[str, ...]:
+    """Every environment variable :class:`Settings` reads, in field order."""
+    return tuple(_var(f.name).env for f in fields(Settings))
+
+
+def unknown_tierpool_variables(env: Mapping[str, str] = os.environ) -> list[str]:
+    """``TIERPOOL_*`` variables in ``env`` that no setting reads: likely typos.
+
+    Not an error (other tools may share the prefix), but worth a warning at
+    start: ``TIERPOOL_BATCHSIZE=64`` would otherwise be ignored in silence.
+    """
+    known = set(env_variables())
+    return sorted(name for name in env if name.startswith("TIERPOOL_") and name not in known)
+
+
+def _to_ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _var(name: str) -> _Var:
+    """The variable of the field ``name`` (a module-level lookup: slots leave no class dict)."""
+    return _VARS[name]
+
+
+_VARS: Final[dict[str, _Var]] = {f.name: f.metadata["var"] for f in fields(Settings)}

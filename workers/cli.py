@@ -1,0 +1,72 @@
+"""The ``tierpool`` command: one entry point, one subcommand per role.
+
+Each subcommand lives in its own module and is imported only when used, so
+``tierpool status`` does not pay for the worker's imports. Exit codes that
+scripts can use: 0 ok, 1 the operation failed or was refused, 2 bad usage or
+settings, 3 Redis unreachable, 4 timed out waiting for a reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REDIS, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+
+# subcommand -> (module, help). Each module has ``add_arguments(parser)`` and
+# ``main(args) -> int``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "worker": ("workers.worker", "run one worker process (consumer, claimer, leader candidate)"),
+    "run": ("workers.embedded", "run a private Redis, workers, simulated pods and load"),
+    "bench": ("bench.run", "measure throughput, latency, propagation, failover"),
+    "status": ("workers.ops.status", "pools, targets, capacity, leader, config, stream lag"),
+    "pods": ("workers.ops.pods", "list pods with pool, state and calls"),
+    "config": ("workers.ops.config", "get, set or validate the tier config"),
+    "merchant": ("workers.ops.config", "get, set or remove a merchant policy"),
+    "drain": ("workers.ops.requests", "drain a pod (no new calls)"),
+    "undrain": ("workers.ops.requests", "return a drained pod to service"),
+    "allocate": ("workers.ops.requests", "allocate a call (for testing)"),
+    "release": ("workers.ops.requests", "release a call (for testing)"),
+    "events": ("workers.ops.events", "show the audit log (--follow to tail it)"),
+    "dead": ("workers.ops.dead", "list dead letters, or requeue them"),
+    "pod-sim": ("workers.podsim", "simulate pods that register and heartbeat"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tierpool",
+        description="Places live sessions on pods from tiered pools, over Redis Streams.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module, _command=name)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        add = getattr(mod, "add_arguments", None)
+        if add is not None:
+            add(p, name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        mod = importlib.import_module(args._module)
+    except ImportError as exc:
+        print(f"tierpool {args.command}: not available ({exc})", file=sys.stderr)
+        return EXIT_USAGE
+    code: int = mod.main(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""What every task of a worker process shares: settings, clients, state, flags.
+
+``workers.worker`` builds one ``WorkerContext`` and starts each role with it
+(consumer, claimer, config listener, leader candidate, HTTP server). Roles
+talk to each other only through this object, never by importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from core.configcache import ConfigCache
+from core.keys import Keys
+from core.redisconn import connect
+from core.settings import Settings
+from core.state import PoolState
+
+
+def make_worker_id() -> str:
+    """Unique per process, readable in XINFO CONSUMERS: host-pid-random."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Health:
+    """Readiness facts /readyz reports; each role sets its own."""
+
+    redis_ok: bool = False
+    config_loaded: bool = False
+    group_joined: bool = False
+    subscribed: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.redis_ok and self.config_loaded and self.group_joined
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    keys: Keys
+    redis: Redis
+    cache: ConfigCache
+    state: PoolState
+    worker_id: str = field(default_factory=make_worker_id)
+    health: Health = field(default_factory=Health)
+    is_leader: bool = False
+    leader_token: str | None = None
+
+    @classmethod
+    def create(cls, settings: Settings, worker_id: str | None = None) -> WorkerContext:
+        keys = Keys(settings.namespace)
+        wid = worker_id or make_worker_id()
+        redis = connect(settings.redis_url, client_name=f"tierpool:{wid}")
+        cache = ConfigCache(redis, keys, settings)
+        state = PoolState(redis, keys, settings, cache)
+        return cls(settings, keys, redis, cache, state, wid)
