@@ -1,1 +1,41 @@
-"""tierpool wire messages: msgspec Structs decoded from flat stream field maps."""
+"""tierpool wire messages: msgspec Structs decoded from flat stream field maps.
+
+Import from here; the submodules are an implementation detail:
+``fields`` holds the rules, ``requests``/``pods``/``replies`` the types,
+``flat`` the codec, ``messages`` the decode/encode functions.
+"""
+
+from schemas.messages import decode_pod_event, decode_reply, decode_request, encode, request_kind
+from schemas.pods import PodDeregister, PodEvent, PodHeartbeat, PodRegister
+from schemas.replies import Reason, Reply, Status
+from schemas.requests import (
+    AllocateRequest,
+    ConfigRequest,
+    DrainRequest,
+    MerchantPolicy,
+    ReleaseRequest,
+    Request,
+    RequestKind,
+)
+
+__all__ = [
+    "AllocateRequest",
+    "ConfigRequest",
+    "DrainRequest",
+    "MerchantPolicy",
+    "PodDeregister",
+    "PodEvent",
+    "PodHeartbeat",
+    "PodRegister",
+    "Reason",
+    "ReleaseRequest",
+    "Reply",
+    "Request",
+    "RequestKind",
+    "Status",
+    "decode_pod_event",
+    "decode_reply",
+    "decode_request",
+    "encode",
+    "request_kind",
+]

@@ -69,7 +69,7 @@ async def wait_for(
     import anyio
 
     with anyio.fail_after(timeout_s):
-        while not await predicate():
+        while not await predicate():  # noqa: ASYNC110 - polling is the point here
             await anyio.sleep(interval_s)
 
 

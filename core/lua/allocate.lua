@@ -59,7 +59,8 @@ for i = 1, ncand do
         local lease = H.now + H.lease_ttl
         redis.call('HSET', K.calls, call_id, cjson.encode({
           pod = pod, pool = p.name, merchant = merchant,
-          zone = redis.call('HGET', K.zone, pod), at = int(H.now), url = url, rid = H.rid}))
+          zone = redis.call('HGET', K.zone, pod), rzone = zone, at = int(H.now), url = url,
+          rid = H.rid}))
         redis.call('ZADD', K.leases, lease, call_id)
         local cur = redis.call('HGET', K.pcalls, pod)
         if cur and cur ~= '' then cur = cur .. ' ' .. call_id else cur = call_id end

@@ -1,0 +1,56 @@
+"""The reply message: one entry on ``tp:{NS}:reply:{REQUEST_ID}``.
+
+The Lua scripts write replies and the client decodes them, so this module
+is the client's half of the contract. Its fields are the union of every
+status's fields; which are set depends on ``status`` (see CONTRACT.md).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+from schemas.fields import CallList, EpochMs, Ident, Name, Version
+
+Status = Literal[
+    "allocated",
+    "rejected",
+    "released",
+    "not_found",
+    "drained",
+    "undrained",
+    "applied",
+    "conflict",
+    "invalid",
+    "expired",
+    "registered",
+    "alive",
+    "unknown_pod",
+    "deregistered",
+]
+
+
+class Reason(Struct, frozen=True, kw_only=True):
+    """Why one filter turned a request down, and what the producer could do about it."""
+
+    filter: str
+    detail: str
+    suggested_action: str
+
+
+class Reply(Struct, frozen=True, kw_only=True):
+    """The answer to one request or pod event."""
+
+    request_id: Ident
+    status: Status
+    pod_id: Ident | None = None
+    pool: Name | None = None
+    endpoint: str | None = None
+    session_url: str | None = None
+    lease_expires_ms: EpochMs | None = None
+    existing: bool | None = None
+    reasons: tuple[Reason, ...] | None = None
+    error: str | None = None
+    config_version: Version | None = None
+    calls: CallList | None = None

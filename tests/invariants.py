@@ -1,0 +1,100 @@
+"""Check the pool invariants against what Redis holds.
+
+Used after every step of the stateful test and at the end of crash tests.
+Returns a list of violations (empty = all good) so a failure names them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from core.keys import Keys
+from core.tierconfig import TierConfig
+
+
+async def read_state(r: Redis, keys: Keys, config: TierConfig) -> dict[str, Any]:
+    async with r.pipeline(transaction=True) as pipe:
+        for k in (keys.pod_pool, keys.pod_zone, keys.pod_load, keys.pod_calls, keys.calls,
+                  keys.pool_count):
+            pipe.hgetall(k)
+        pipe.zrange(keys.pod_seen, 0, -1, withscores=True)
+        pipe.zrange(keys.pod_draining, 0, -1)
+        pipe.zrange(keys.leases, 0, -1, withscores=True)
+        for name in config.pools:
+            pipe.zrange(keys.pool_free(name, "open"), 0, -1, withscores=True)
+            pipe.zrange(keys.pool_free(name, "restricted"), 0, -1, withscores=True)
+        res = await pipe.execute()
+    pools, zones, loads, pcalls, calls, counts, seen, draining, leases = res[:9]
+    free: dict[tuple[str, str], dict[str, float]] = {}
+    for i, name in enumerate(config.pools):
+        free[(name, "open")] = dict(res[9 + 2 * i])
+        free[(name, "restricted")] = dict(res[10 + 2 * i])
+    return {
+        "pools": pools, "zones": zones, "loads": {p: int(v) for p, v in loads.items()},
+        "pod_calls": {p: v.split() for p, v in pcalls.items()},
+        "calls": {c: orjson.loads(v) for c, v in calls.items()},
+        "counts": {p: int(v) for p, v in counts.items()},
+        "seen": dict(seen), "draining": set(draining), "leases": dict(leases), "free": free,
+    }
+
+
+async def violations(
+    r: Redis, keys: Keys, config: TierConfig, *, now_ms: float, pod_ttl_ms: float,
+    owners: dict[str, str] | None = None,
+) -> list[str]:
+    """Every broken invariant, described. ``owners``: dedicated pool -> merchant."""
+    s = await read_state(r, keys, config)
+    out: list[str] = []
+    # every live call on exactly one live pod, listed by it; load == its calls
+    listed: dict[str, str] = {}
+    for pod, cs in s["pod_calls"].items():
+        for c in cs:
+            if c in listed:
+                out.append(f"call {c} listed by pods {listed[c]} and {pod}")
+            listed[c] = pod
+        if s["loads"].get(pod, 0) != len(cs):
+            out.append(f"pod {pod}: load {s['loads'].get(pod)} but {len(cs)} calls {cs}")
+    for c, rec in s["calls"].items():
+        pod = rec["pod"]
+        if pod not in s["pools"]:
+            out.append(f"call {c} on unregistered pod {pod}")
+        if listed.get(c) != pod:
+            out.append(f"call {c} record says {pod}, pod list says {listed.get(c)}")
+        if c not in s["leases"]:
+            out.append(f"call {c} has no lease")
+        if rec.get("rzone") == "restricted" and rec.get("zone") != "restricted":
+            out.append(f"restricted call {c} on open pod {pod}")
+        if owners and rec["pool"] in owners and rec.get("merchant") != owners[rec["pool"]]:
+            out.append(f"call {c} of merchant {rec.get('merchant')!r} in dedicated pool "
+                       f"{rec['pool']} of {owners[rec['pool']]}")
+    for c in listed:
+        if c not in s["calls"]:
+            out.append(f"pod {listed[c]} lists call {c} that has no record")
+    # capacity: never above max for pods of a configured pool
+    for pod, pool in s["pools"].items():
+        tier = config.get(pool) if pool else None
+        if tier is not None and s["loads"].get(pod, 0) > tier.max_concurrent:
+            out.append(f"pod {pod} in {pool}: load {s['loads'][pod]} > max {tier.max_concurrent}")
+    # pool counts equal the pods assigned
+    counted: dict[str, int] = {}
+    for pool in s["pools"].values():
+        if pool:
+            counted[pool] = counted.get(pool, 0) + 1
+    if counted != s["counts"]:
+        out.append(f"pool counts {s['counts']} but pods assigned {counted}")
+    # free-index invariant
+    for (pool, zone), members in s["free"].items():
+        tier = config.tier(pool)
+        want = {
+            pod: float(s["loads"].get(pod, 0))
+            for pod, p in s["pools"].items()
+            if p == pool and s["zones"].get(pod) == zone and pod not in s["draining"]
+            and s["seen"].get(pod, -1e18) + pod_ttl_ms >= now_ms
+            and s["loads"].get(pod, 0) < tier.max_concurrent
+        }
+        if members != want:
+            out.append(f"free index {pool}/{zone} = {members}, expected {want}")
+    return out
