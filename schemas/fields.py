@@ -84,9 +84,12 @@ Endpoint = Annotated[
     str,
     Meta(
         max_length=512,
-        pattern=r"\A(?i:https?|wss?)://[^\s\x00-\x1f\x7f/?#\ufffd\ud800-\udfff]"
-        r"[^\s\x00-\x1f\x7f\ufffd\ud800-\udfff]*\Z",
-        description="a URL of at most 512 chars with scheme http, https, ws or wss",
+        # No "@" in the authority: an endpoint is echoed in every allocated
+        # reply, so credentials (user:pass@host) must never get in.
+        pattern=r"\A(?i:https?|wss?)://[^\s\x00-\x1f\x7f/?#@\ufffd\ud800-\udfff]+"
+        r"(?:[/?#][^\s\x00-\x1f\x7f\ufffd\ud800-\udfff]*)?\Z",
+        description="a URL of at most 512 chars with scheme http, https, ws or wss "
+        "and no credentials",
     ),
 ]
 

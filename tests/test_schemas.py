@@ -607,3 +607,17 @@ def test_missing_request_id() -> None:
 def test_long_junk_is_shown_shortened() -> None:
     err = invalid(decode_request, "allocate", allocate(call_id="é" * 5000))
     assert len(err.error) < 200
+
+
+def test_endpoint_with_credentials_is_rejected() -> None:
+    """An endpoint is echoed in every allocated reply: no user:pass@ may get in."""
+    from core.errors import InvalidMessage
+    from schemas import decode_pod_event
+
+    ok = decode_pod_event({"event": "register", "pod_id": "p1",
+                           "endpoint": "https://p1.internal:8443/path?x=a@b"})
+    assert ok.endpoint.startswith("https://p1.internal")  # type: ignore[union-attr]
+    with pytest.raises(InvalidMessage) as err:
+        decode_pod_event({"event": "register", "pod_id": "p1",
+                          "endpoint": "https://user:secret@p1.internal"})
+    assert "endpoint" in err.value.error and "credentials" in err.value.error
