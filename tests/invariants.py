@@ -43,9 +43,15 @@ async def read_state(r: Redis, keys: Keys, config: TierConfig) -> dict[str, Any]
 
 async def violations(
     r: Redis, keys: Keys, config: TierConfig, *, now_ms: float, pod_ttl_ms: float,
-    owners: dict[str, str] | None = None,
+    owners: dict[str, str] | None = None, config_changed: bool = False,
 ) -> list[str]:
-    """Every broken invariant, described. ``owners``: dedicated pool -> merchant."""
+    """Every broken invariant, described. ``owners``: dedicated pool -> merchant.
+
+    ``config_changed``: a config change may have lowered max_concurrent below
+    a pod's live calls (they go on; the pod takes nothing new until below the
+    new limit), so the static "load <= max" check does not apply; callers then
+    check each allocation against the max in force when it was made.
+    """
     s = await read_state(r, keys, config)
     out: list[str] = []
     # every live call on exactly one live pod, listed by it; load == its calls
@@ -76,7 +82,8 @@ async def violations(
     # capacity: never above max for pods of a configured pool
     for pod, pool in s["pools"].items():
         tier = config.get(pool) if pool else None
-        if tier is not None and s["loads"].get(pod, 0) > tier.max_concurrent:
+        if not config_changed and tier is not None and \
+                s["loads"].get(pod, 0) > tier.max_concurrent:
             out.append(f"pod {pod} in {pool}: load {s['loads'][pod]} > max {tier.max_concurrent}")
     # pool counts equal the pods assigned
     counted: dict[str, int] = {}

@@ -86,6 +86,7 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
             self.run(self.state.source.refresh())
             self.model = Model()
             self.n = 0
+            self.config_changed = False
 
         def run(self, coro):  # type: ignore[no-untyped-def]
             return self.loop.run_until_complete(coro)
@@ -157,8 +158,11 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
                 return
             if expected_free:
                 assert out.status == "allocated", (out, expected_free)
-                assert out.fields["pod_id"] in expected_free, (out, expected_free)
-                self.model.calls[call] = out.fields["pod_id"]
+                pod = out.fields["pod_id"]
+                assert pod in expected_free, (out, expected_free)
+                self.model.calls[call] = pod
+                load = sum(1 for p in self.model.calls.values() if p == pod)
+                assert load <= snap.config.tier(out.fields["pool"]).max_concurrent
             else:
                 assert out.status == "rejected", (out, snap.version)
 
@@ -193,6 +197,7 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
         @rule(which=st.sampled_from(["A", "B"]))
         def change_config(self, which: str) -> None:
             cfg = CONFIG_A if which == "A" else CONFIG_B
+            self.config_changed = True
             import orjson
 
             out = self.apply(ConfigRequest(request_id=self.rid(),
@@ -207,7 +212,7 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
             snap = self.state.source.current()
             found = self.run(violations(
                 self.r, KEYS, snap.config, now_ms=NOW, pod_ttl_ms=POD_TTL_MS,
-                owners=dict(snap.pool_owners)))
+                owners=dict(snap.pool_owners), config_changed=self.config_changed))
             assert not found, found
             calls = self.run(self.r.hgetall(KEYS.calls))
             import orjson
