@@ -31,6 +31,7 @@ from schemas import (
     PodHeartbeat,
     PodRegister,
     ReleaseRequest,
+    encode,
 )
 
 log = logging.getLogger(__name__)
@@ -246,10 +247,14 @@ class PoolState:
                 msg, entry = items[i]
                 prepared = self.prepare(msg, snap, entry, now_ms)
                 if isinstance(prepared, Outcome):
-                    out[i] = prepared
-                else:
-                    calls.append(prepared)
-                    idx.append(i)
+                    # Well-formed but inapplicable (a config that fails
+                    # validation): reply invalid, dead-letter and ack, atomically.
+                    prepared = self.reject_call(
+                        entry=entry, request_id=msg.request_id,
+                        error=prepared.fields.get("error", "invalid"),
+                        fields=encode(msg), now_ms=now_ms, decided_with=snap)
+                calls.append(prepared)
+                idx.append(i)
             results = await run_calls(self.redis, calls) if calls else []
             stale: list[int] = []
             for i, res in zip(idx, results, strict=True):
@@ -288,11 +293,19 @@ class PoolState:
     def reject_call(
         self, *, entry: Entry | None, request_id: str | None, error: str,
         fields: dict[str, str], deliveries: int = 1, now_ms: int | None = None,
+        decided_with: ConfigSnapshot | None = None,
     ) -> Call:
-        """Dead-letter an entry atomically: ``invalid`` reply, dead entry, XACK."""
+        """Dead-letter an entry atomically: ``invalid`` reply, dead entry, XACK.
+
+        ``decided_with``: the snapshot a config-dependent rejection was decided
+        with (a policy naming an unknown pool); the script answers ``stale``
+        instead of rejecting when Redis holds a newer config or policy set.
+        """
+        guard = ("", "") if decided_with is None else (
+            str(decided_with.version), str(decided_with.merchants_version))
         snap_args = ("" if now_ms is None else str(now_ms), entry.entry_id if entry else "",
                      request_id or "", "", str(int(self.settings.reply_ttl_s * 1000)),
-                     str(self.settings.events_maxlen), "", "", *self._ttl_args, "0")
+                     str(self.settings.events_maxlen), *guard, *self._ttl_args, "0")
         keys = (entry.stream if entry else self.keys.events,
                 self.keys.reply(request_id or "-"), self.keys.events,
                 self.keys.config_version, self.keys.merchants_version, *self._state_keys,

@@ -348,3 +348,38 @@ async def test_config_cas_conflict_and_invalid_config(r: Redis) -> None:
                                          expected_version=1))
     assert (ok.status, ok.fields["config_version"]) == ("applied", "2")
     assert orjson.loads(await r.get(KEYS.config))["version"] == 2
+
+
+async def test_inapplicable_config_request_is_replied_dead_lettered_and_acked(r: Redis) -> None:
+    """A merchant policy naming an unknown pool is well-formed but cannot apply:
+    it must get its invalid reply and dead letter at once, not be retried."""
+    state = await make_state(r, {"gold": 1})
+    stream = KEYS.request_stream("config")
+    await r.xgroup_create(stream, "tierpool", id="0", mkstream=True)
+    await r.xadd(stream, {"request_id": "m1", "merchant_id": "acme",
+                          "merchant": '{"pool": "nope"}'})
+    [[_, [(entry_id, _)]]] = await r.xreadgroup("tierpool", "w1", {stream: ">"})
+    out = await state.apply(ConfigRequest(request_id="m1", merchant_id="acme",
+                                          merchant=MerchantPolicy(pool="nope")),
+                            Entry(stream, entry_id))
+    assert out.status == "invalid"
+    assert "'nope' is not configured" in out.fields["error"]
+    [(_, reply)] = await r.xrange(KEYS.reply("m1"))
+    assert reply["status"] == "invalid" and "nope" in reply["error"]
+    [(_, dead)] = await r.xrange(KEYS.dead)
+    assert dead["request_id"] == "m1" and "nope" in dead["error"]
+    assert (await r.xpending(stream, "tierpool"))["pending"] == 0
+
+
+async def test_rejection_decided_on_an_old_snapshot_is_decided_again(r: Redis) -> None:
+    """A policy naming a tier that another worker just added is applied, not
+    rejected by a worker whose snapshot predates the tier."""
+    state = await make_state(r, {"gold": 1})
+    other = PoolState(r, KEYS, state.settings, RedisSource(r, KEYS))
+    await other.source.refresh()
+    assert (await other.apply(ConfigRequest(
+        request_id="c", config='{"tiers": {"gold": {"target": 1}, "acme": {"target": 1}},'
+                               ' "default_chain": ["gold"]}'))).status == "applied"
+    out = await state.apply(ConfigRequest(request_id="m", merchant_id="acme-co",
+                                          merchant=MerchantPolicy(pool="acme")))
+    assert out.status == "applied"

@@ -3,13 +3,20 @@
 -- KEYS, ARGV 1-12: the fixed layout in _prelude.lua, with no pools.
 -- KEYS[19]: the dead-letter stream.
 -- ARGV[ARG0..]: error, original fields JSON, dead stream maxlen, deliveries.
--- Returns {'invalid', 'error', error} or {'dup'}.
+-- Returns {'invalid', 'error', error}, {'dup'}, or {'stale', ...} when the
+-- caller passed the config/merchant versions its rejection depended on and
+-- Redis holds newer ones (it decides again with a fresh snapshot).
 --
 -- Invariants: the invalid reply (when the entry had a usable request_id), the
 -- dead-letter entry and the XACK happen together, so a bad message is
 -- reported exactly once and never blocks the stream. Pool state is untouched.
 
 if not still_pending() then return {'dup'} end
+local stale = leader_stale()
+if stale then return stale end
+if H.want_mv ~= '' and H.want_mv ~= (redis.call('GET', K.mv) or '0') then
+  return {'stale', redis.call('GET', K.cfgv) or '0', redis.call('GET', K.mv)}
+end
 local err, payload, maxlen, deliveries = ARGV[ARG0], ARGV[ARG0 + 1], ARGV[ARG0 + 2], ARGV[ARG0 + 3]
 redis.call('XADD', KEYS[19], 'MAXLEN', '~', maxlen, '*',
   'stream', K.stream, 'entry_id', H.entry, 'request_id', H.rid, 'error', err,
