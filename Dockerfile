@@ -1,0 +1,22 @@
+# The tierpool image: every role is a `tierpool` subcommand (worker, pod-sim, status...).
+#   docker build -t tierpool .
+#   docker run --rm -e REDIS_URL=redis://redis-host:6380/0 tierpool worker
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY core core
+COPY schemas schemas
+COPY workers workers
+RUN pip install . && useradd --system --no-create-home tierpool
+
+USER tierpool
+# /metrics, /healthz, /readyz of a worker (METRICS_PORT).
+EXPOSE 9090
+ENTRYPOINT ["tierpool"]
+CMD ["worker"]

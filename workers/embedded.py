@@ -1,0 +1,383 @@
+"""``tierpool run``: the whole system on one machine, with nothing to set up.
+
+Starts a private ``redis-server`` on a free port (or uses ``REDIS_URL`` when
+it is set), worker processes, a pod simulator, and a small load (callers that
+allocate a call, hold it a moment and release it), then prints one progress
+line a second (allocations/s, rejections/s, p50/p99 allocate latency, each
+pool's free/busy pods, active calls, the leader) until Ctrl-C, SIGTERM or
+``--duration`` seconds of load, and stops everything in order: the load
+(releasing its calls), the pod simulator, the workers (SIGTERM, their
+graceful shutdown), Redis.
+
+Children run in their own sessions, so a Ctrl-C reaches only this process,
+which stops them in that order; their logs go to files in a temporary
+directory, kept (and named) when something failed. Each worker gets a free
+``METRICS_PORT``, printed at start, so its ``/metrics`` can be looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Final
+
+import anyio
+from anyio.abc import Process, TaskGroup
+from redis.exceptions import RedisError
+
+from core.client import TierpoolClient
+from core.clock import monotonic_s
+from core.errors import RequestTimeout, SettingsError, TierpoolError
+from core.keys import Keys
+from core.redisconn import connect
+from core.redisproc import RedisNotInstalled, RedisProcess, free_port
+from core.settings import Settings, mask_url
+from workers import http
+from workers.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from workers.gauges import ClusterView, read_view
+
+READY_TIMEOUT_S: Final = 60.0
+STOP_EXTRA_S: Final = 5.0
+"""Beyond a worker's own shutdown grace, how long to wait before SIGKILL."""
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="worker processes (default 2)")
+    parser.add_argument("--pods", type=int, default=6, metavar="N",
+                        help="simulated pods (default 6)")
+    parser.add_argument("--callers", type=int, default=4, metavar="N",
+                        help="concurrent callers of the load (default 4; 0 = no load)")
+    parser.add_argument("--hold", type=float, default=0.5, metavar="S",
+                        help="mean seconds a caller holds a call before releasing it")
+    parser.add_argument("--duration", type=float, default=None, metavar="S",
+                        help="stop by itself after S seconds of load (default: until Ctrl-C)")
+    parser.add_argument("--interval", type=float, default=1.0, metavar="S",
+                        help="seconds between progress lines (default 1)")
+
+
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class Child:
+    """One child process and the file its output goes to."""
+
+    name: str
+    process: Process
+    log_path: Path
+    metrics_port: int | None = None
+    exit_code: int | None = None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class LoadStats:
+    """What the callers did: counts and allocate latencies, per window and overall."""
+
+    allocated: int = 0
+    rejected: int = 0
+    failed: int = 0
+    window: list[float] = field(default_factory=list)
+    window_allocated: int = 0
+    window_rejected: int = 0
+    recent: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=100_000))
+
+    def record(self, status: str, latency_s: float) -> None:
+        self.window.append(latency_s)
+        self.recent.append(latency_s)
+        if status == "allocated":
+            self.allocated += 1
+            self.window_allocated += 1
+        elif status == "rejected":
+            self.rejected += 1
+            self.window_rejected += 1
+        else:
+            self.failed += 1
+
+    def take_window(self) -> tuple[int, int, list[float]]:
+        out = (self.window_allocated, self.window_rejected, self.window)
+        self.window_allocated = self.window_rejected = 0
+        self.window = []
+        return out
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}ms"
+
+
+def progress_line(elapsed_s: float, interval_s: float, window: tuple[int, int, list[float]],
+                  view: ClusterView | None) -> str:
+    """One progress line: rates, allocate latency, live calls, pools, leader."""
+    allocated, rejected, latencies = window
+    parts = [
+        f"{elapsed_s:5.0f}s",
+        f"{allocated / interval_s:6.1f} alloc/s",
+        f"{rejected / interval_s:5.1f} rejected/s",
+        f"p50 {_ms(percentile(latencies, 0.5)):>7}",
+        f"p99 {_ms(percentile(latencies, 0.99)):>7}",
+    ]
+    if view is None:
+        parts.append("(Redis not answering)")
+    elif view.gauges_at_ms is None:
+        parts.append("(no pool figures from the leader yet)")
+    else:
+        pools = "  ".join(
+            f"{name} {g.free} free {g.busy + g.full} busy"
+            + (f" {g.draining} draining" if g.draining else "")
+            for name, g in view.pools.items() if g.pods
+        ) or "no pods in any pool"
+        parts += [f"calls {view.active_calls:3d}", pools,
+                  f"leader {view.leader_holder or 'none'}"]
+    return "  ".join(parts)
+
+
+class Embedded:
+    """Runs and stops the children, the load and the progress display."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings, url: str) -> None:
+        self.args = args
+        self.settings = settings
+        self.url = url
+        self.keys = Keys(settings.namespace)
+        self.logdir = Path(tempfile.mkdtemp(prefix="tierpool-run-"))
+        self.children: list[Child] = []
+        self.stats = LoadStats()
+        self.stopping = anyio.Event()
+        self.failure: str | None = None
+        self._files: list[IO[bytes]] = []
+
+    # --- children -------------------------------------------------------------------
+    async def spawn(self, name: str, argv: list[str], env: dict[str, str],
+                    metrics_port: int | None = None) -> Child:
+        log_path = self.logdir / f"{name}.log"
+        out = _open_log(log_path)
+        self._files.append(out)
+        process = await anyio.open_process(
+            [sys.executable, "-m", "workers.cli", *argv], stdin=None, stdout=out,
+            stderr=out, env=env, start_new_session=True)
+        child = Child(name, process, log_path, metrics_port)
+        self.children.append(child)
+        return child
+
+    async def watch(self, child: Child) -> None:
+        """Wait for the child to exit; exiting before we stop it is a failure."""
+        child.exit_code = await child.process.wait()
+        if not self.stopping.is_set():
+            self.failure = f"{child.name} exited with code {child.exit_code}"
+            say(f"\n{self.failure}; its last log lines:\n{child.tail()}")
+            self.stopping.set()
+
+    async def start_children(self, tg: TaskGroup) -> None:
+        env = {**os.environ, "REDIS_URL": self.url}
+        env.setdefault("LOG_FORMAT", "console")
+        for i in range(1, self.args.workers + 1):
+            port = free_port()
+            child = await self.spawn(
+                f"worker-{i}", ["worker"], {**env, "METRICS_PORT": str(port)}, port)
+            tg.start_soon(self.watch, child)
+        sim = await self.spawn("pod-sim", ["pod-sim", "--pods", str(self.args.pods)], env)
+        tg.start_soon(self.watch, sim)
+
+    async def wait_ready(self) -> bool:
+        """Every worker answers /readyz 200 and the pods registered (or we are stopping)."""
+        workers = [c.metrics_port for c in self.children if c.metrics_port is not None]
+        redis = connect(self.url, client_name="tierpool-run")
+        try:
+            with anyio.move_on_after(READY_TIMEOUT_S):
+                while not self.stopping.is_set():
+                    statuses = [await _readyz(port) for port in workers]
+                    with contextlib.suppress(OSError, RedisError):
+                        pods = await redis.hlen(self.keys.pod_pool)
+                        if all(s == 200 for s in statuses) and pods >= self.args.pods:
+                            return True
+                    await anyio.sleep(0.1)
+                return False
+        finally:
+            await redis.aclose()
+        self.failure = f"not ready within {READY_TIMEOUT_S:.0f}s"
+        return False
+
+    async def stop_children(self) -> None:
+        """Pod simulator first (no new pod events), then the workers, in parallel."""
+        grace = self.settings.shutdown_grace_s + STOP_EXTRA_S
+        sims = [c for c in self.children if c.metrics_port is None]
+        workers = [c for c in self.children if c.metrics_port is not None]
+        for group in (sims, workers):
+            async with anyio.create_task_group() as tg:
+                for child in group:
+                    tg.start_soon(_stop, child, grace)
+        for f in self._files:
+            f.close()
+
+    # --- load and progress ------------------------------------------------------------
+    async def caller(self, client: TierpoolClient, index: int) -> None:
+        n = 0
+        while not self.stopping.is_set():
+            n += 1
+            call_id = f"run-{os.getpid()}-{index}-{n}"
+            t0 = monotonic_s()
+            try:
+                reply = await client.allocate(call_id)
+            except RequestTimeout:
+                self.stats.record("timeout", monotonic_s() - t0)
+                continue
+            self.stats.record(reply.status, monotonic_s() - t0)
+            if reply.status != "allocated":
+                await anyio.sleep(0.2)
+                continue
+            try:
+                await anyio.sleep(random.uniform(0.5, 1.5) * self.args.hold)
+            finally:
+                with (anyio.CancelScope(shield=True), anyio.move_on_after(2.0),
+                      contextlib.suppress(TierpoolError)):  # timed out, or the client closed
+                    await client.release(call_id)
+
+    async def show_progress(self) -> None:
+        redis = connect(self.url, client_name="tierpool-run-progress")
+        started = monotonic_s()
+        try:
+            while True:
+                await anyio.sleep(self.args.interval)
+                view: ClusterView | None
+                try:
+                    view = await read_view(redis, self.keys)
+                except Exception:  # Redis gone for a moment: say so and go on
+                    view = None
+                say(progress_line(monotonic_s() - started, self.args.interval,
+                                  self.stats.take_window(), view))
+        finally:
+            await redis.aclose()
+
+    async def run_load(self) -> None:
+        async with TierpoolClient.from_url(
+            self.url, namespace=self.settings.namespace, default_timeout_s=5.0
+        ) as client, anyio.create_task_group() as tg:
+            tg.start_soon(self.show_progress)
+            for i in range(self.args.callers):
+                tg.start_soon(self.caller, client, i)
+            with anyio.move_on_after(self.args.duration):
+                await self.stopping.wait()
+            self.stopping.set()
+            tg.cancel_scope.cancel()
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    return path.open("ab")
+
+
+async def _readyz(port: int | None) -> int:
+    if port is None:
+        return 0
+    try:
+        status, _ = await http.get("127.0.0.1", port, "/readyz", timeout_s=1.0)
+    except (OSError, TimeoutError):
+        return 0
+    return status
+
+
+async def _stop(child: Child, grace_s: float) -> None:
+    if child.process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        child.process.terminate()
+    with anyio.move_on_after(grace_s):
+        await child.process.wait()
+        return
+    say(f"{child.name} did not stop within {grace_s:.0f}s: killing it")
+    with contextlib.suppress(ProcessLookupError):
+        child.process.kill()
+    await child.process.wait()
+
+
+async def _signals(emb: Embedded) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if not emb.stopping.is_set():
+                say(f"\n{signal.Signals(signum).name}: stopping")
+            emb.stopping.set()
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    redis_proc: RedisProcess | None = None
+    url = os.environ.get("REDIS_URL", "").strip()
+    if not url:
+        try:
+            redis_proc = RedisProcess()
+        except RedisNotInstalled as exc:
+            sys.stderr.write(f"tierpool run: {exc}\n")
+            return EXIT_FAILED
+        await anyio.to_thread.run_sync(redis_proc.start)
+        url = redis_proc.url
+        say(f"private Redis on {url} (data is lost at exit)")
+    else:
+        say(f"using REDIS_URL={mask_url(url)}")
+    emb = Embedded(args, settings, url)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_signals, emb)
+            await emb.start_children(tg)
+            for child in emb.children:
+                port = f", metrics http://127.0.0.1:{child.metrics_port}/metrics" \
+                    if child.metrics_port else ""
+                say(f"started {child.name} (pid {child.process.pid}{port})")
+            say(f"logs in {emb.logdir}; waiting for the workers and {args.pods} pods...")
+            if await emb.wait_ready():
+                say("ready. Ctrl-C to stop" + (
+                    f" (stopping by itself after {args.duration:g}s)" if args.duration else ""))
+                await emb.run_load()
+            emb.stopping.set()
+            await emb.stop_children()
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            emb.stopping.set()
+            await emb.stop_children()
+            if redis_proc is not None:
+                await anyio.to_thread.run_sync(redis_proc.close)
+    s = emb.stats
+    say(f"stopped. {s.allocated} allocated, {s.rejected} rejected, {s.failed} failed or "
+        f"timed out; allocate p50 {_ms(percentile(list(s.recent), 0.5))}, "
+        f"p99 {_ms(percentile(list(s.recent), 0.99))}")
+    if emb.failure:
+        say(f"failed: {emb.failure}; logs kept in {emb.logdir}")
+        return EXIT_FAILED
+    shutil.rmtree(emb.logdir, ignore_errors=True)
+    return EXIT_OK
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as exc:
+        sys.stderr.write(f"tierpool run: {exc}\n")
+        return EXIT_USAGE
+    if args.workers < 1 or args.pods < 0 or args.callers < 0 or args.interval <= 0:
+        sys.stderr.write("tierpool run: --workers must be >= 1; --pods, --callers >= 0\n")
+        return EXIT_USAGE
+    return anyio.run(_run, args, settings)
