@@ -35,7 +35,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its options.
+
+    Importing every subcommand's module just to print ``--help`` made each
+    ``tierpool`` call pay for the worker's imports (~1.3 s).
+    """
     parser = argparse.ArgumentParser(
         prog="tierpool",
         description="Places live sessions on pods from tiered pools, over Redis Streams.")
@@ -43,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module, _command=name)
+        if name != command:
+            continue
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -54,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
