@@ -121,7 +121,7 @@ def _check_tierpool(argv: list[str]) -> None:
     """``tierpool ARGV`` parses with the real CLI and names a known subcommand."""
     assert argv and argv[0] in COMMANDS, f"unknown subcommand in tierpool {argv}"
     try:
-        build_parser().parse_args(argv)
+        build_parser(argv[0]).parse_args(argv)
     except SystemExit as exc:  # argparse refuses: the file names a wrong option
         raise AssertionError(f"tierpool {' '.join(argv)}: does not parse") from exc
 
