@@ -206,3 +206,19 @@ class Keys:
     def workers(self) -> str:
         """Sorted set worker consumer name -> last seen ms (status and cleanup)."""
         return f"{self.prefix}workers"
+
+    # --- ours: upstream tier config source ---------------------------------
+    @cached_property
+    def upstream_lease(self) -> str:
+        """String with a PX expiry, set while the upstream tier config counts as fresh.
+
+        Whoever leads sets it (``SET NX PX``) before fetching, so the upstream
+        is fetched once per ``TIER_CONFIG_TTL_SECONDS`` however often the
+        leadership moves.
+        """
+        return f"{self.prefix}upstream:lease"
+
+    @cached_property
+    def upstream_seq(self) -> str:
+        """Counter numbering the upstream's config requests (``upstream-{n}``)."""
+        return f"{self.prefix}upstream:seq"
