@@ -9,7 +9,7 @@ Every worker runs :func:`run_leader`; one at a time wins the lease
   expired leases, silent pods, lapsed drain marks;
 - gauges (``core.reconcile.publish_gauges``) every ``GAUGES_INTERVAL_S``, so
   every replica's exporter copies the same figures;
-- ``core.upstream.run_upstream`` when that module exists (the upstream tier
+- ``core.upstream.run_upstream`` (the upstream tier
   config source; it returns at once when ``TIER_CONFIG_URL`` is unset).
 
 A loop that fails logs it and runs again at its next tick; a script that
@@ -19,8 +19,6 @@ keeps running and campaigns again). Cancellation is never swallowed.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -31,6 +29,7 @@ from anyio.abc import TaskStatus
 from core import metrics
 from core.leader import Election, Leadership
 from core.reconcile import publish_gauges, reap, reconcile
+from core.upstream import run_upstream
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -67,9 +66,7 @@ async def lead(ctx: WorkerContext, term: Leadership) -> None:
                           partial(reconcile_once, ctx, term))
             tg.start_soon(_every, "reap", s.cleanup_interval_s, partial(reap_once, ctx, term))
             tg.start_soon(_every, "gauges", GAUGES_INTERVAL_S, partial(gauges_once, ctx, term))
-            upstream = find_upstream()
-            if upstream is not None:
-                tg.start_soon(_supervise, upstream, ctx, term)
+            tg.start_soon(_supervise, run_upstream, ctx, term)
     finally:
         ctx.is_leader = False
         ctx.leader_token = None
@@ -128,19 +125,6 @@ async def _every(name: str, interval_s: float, step: Step) -> None:
             metrics.worker_errors_total.labels(loop=f"leader_{name}").inc()
             log.exception("leader %s failed; next try in %.1fs", name, interval_s)
         await anyio.sleep(interval_s)
-
-
-def find_upstream() -> Upstream | None:
-    """``core.upstream.run_upstream`` if that module exists (it is optional)."""
-    try:
-        if importlib.util.find_spec("core.upstream") is None:
-            return None
-        module = importlib.import_module("core.upstream")
-    except Exception:
-        log.exception("core.upstream exists but cannot be imported; not running it")
-        return None
-    fn = getattr(module, "run_upstream", None)
-    return fn if callable(fn) else None
 
 
 async def _supervise(fn: Upstream, ctx: WorkerContext, term: Leadership) -> None:

@@ -1,0 +1,298 @@
+"""What the consumer and the claimer loops share, and keeping streams bounded.
+
+- The consumer group ``tierpool`` is created on every input stream from id
+  ``0``, not ``$``: entries a producer added before the first worker ever
+  started (or right after Redis came back empty) must be served, not skipped.
+- Redis errors are sorted here into the three cases a loop handles
+  differently: Redis unreachable (back off and retry, logged once per
+  outage), ``NOGROUP`` (Redis lost the group: create it again and go on —
+  never stop, as FastStream #2611 does) and anything else.
+- Request streams are trimmed with ``XTRIM MINID ~`` at the group's oldest
+  unacknowledged entry (or its last delivered one when nothing is pending),
+  so trimming can never remove an entry that is still to be processed. A
+  ``MAXLEN`` bound on top would only ever cut such entries (everything older
+  than the trim point is already gone), so ``stream_maxlen`` is never used to
+  trim: a backlog larger than it is logged instead.
+- :class:`Delivery` is an entry as delivered to this worker, and
+  :class:`LoopControl` the two-phase stop both loops use.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core.clock import monotonic_s
+from core.keys import GROUP, REQUEST_KINDS, Keys
+from workers.context import Health
+
+log = logging.getLogger(__name__)
+
+REDIS_DOWN: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+"""Errors that mean "Redis is not answering now" (BusyLoadingError is one too)."""
+
+BACKLOG_WARN_EVERY_S: Final = 60.0
+BACKOFF_FIRST_S: Final = 0.05
+BACKOFF_CAP_S: Final = 1.0
+"""A retrying loop waits at most this long, so a restarted Redis is used within ~1 s."""
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Whether Redis says the stream or its consumer group does not exist."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+
+
+def stream_kinds(keys: Keys) -> dict[str, str]:
+    """Input stream key -> short kind (``allocate``... and ``pods``), for decoding and labels."""
+    kinds = {keys.request_stream(kind): kind for kind in REQUEST_KINDS}
+    kinds[keys.pods_stream] = "pods"
+    return kinds
+
+
+def entry_ms(entry_id: str) -> int:
+    """The milliseconds part of a stream id: when the entry was added (0 if unreadable)."""
+    head = entry_id.partition("-")[0]
+    return int(head) if head.isdigit() else 0
+
+
+async def ensure_groups(redis: Redis, streams: Sequence[str]) -> int:
+    """Create group ``tierpool`` on each stream that lacks it; the number created.
+
+    ``MKSTREAM`` so a worker may start before any producer. ``BUSYGROUP``
+    (the group exists) is the normal case; any other error is raised.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        answers = await pipe.execute(raise_on_error=False)
+    created = 0
+    for stream, answer in zip(streams, answers, strict=True):
+        if isinstance(answer, ResponseError) and str(answer).startswith("BUSYGROUP"):
+            continue
+        if isinstance(answer, BaseException):
+            raise answer
+        created += 1
+        log.info("consumer group created", extra={"stream": stream, "group": GROUP})
+    return created
+
+
+class Outage:
+    """Backoff and logging for Redis outages, and the ``redis_ok`` health flag.
+
+    Logs one warning when an outage starts and one line when Redis answers
+    again (with how long it was gone), never one per attempt. Shared by the
+    loops of a process so that an outage is reported once, not per loop.
+    """
+
+    def __init__(self, health: Health | None = None) -> None:
+        self.health = health
+        self.since: float | None = None
+        self._delay = BACKOFF_FIRST_S
+
+    async def backoff(self, exc: BaseException, where: str) -> None:
+        """Record a failure and wait before the next attempt (exponential, capped)."""
+        if self.since is None:
+            self.since = monotonic_s()
+            self._delay = BACKOFF_FIRST_S
+            log.warning("Redis unavailable (%s: %s); retrying until it answers",
+                        where, exc or type(exc).__name__)
+        if self.health is not None:
+            self.health.redis_ok = False
+        delay, self._delay = self._delay, min(self._delay * 2, BACKOFF_CAP_S)
+        await anyio.sleep(delay)
+
+    def ok(self) -> None:
+        """Redis answered: close the outage, if there was one."""
+        if self.health is not None:
+            self.health.redis_ok = True
+        if self.since is not None:
+            log.info("Redis available again after %.2fs", monotonic_s() - self.since)
+            self.since = None
+            self._delay = BACKOFF_FIRST_S
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """What the group knows about one stream, read in one pipelined round trip."""
+
+    stream: str
+    length: int
+    has_group: bool
+    lag: int | None
+    pending: int
+    last_delivered: str
+    oldest_pending: str | None
+
+    @property
+    def trim_point(self) -> str | None:
+        """The id before which every entry is acknowledged, or None (nothing to trim).
+
+        Entries older than the oldest pending one are acknowledged, and
+        entries after the last delivered one are not yet read; the group's
+        oldest pending id is never after its last delivered id, so this is
+        the oldest pending id when there is one.
+        """
+        if not self.has_group:
+            return None
+        point = self.oldest_pending or self.last_delivered
+        return None if point in ("", "0-0") else point
+
+
+def _group_of(groups: object) -> Mapping[str, Any] | None:
+    if isinstance(groups, list):
+        for g in groups:
+            if isinstance(g, Mapping) and g.get("name") == GROUP:
+                return g
+    return None
+
+
+async def read_infos(redis: Redis, streams: Sequence[str]) -> list[StreamInfo]:
+    """XLEN, XINFO GROUPS and the XPENDING summary of every stream, in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+            pipe.xpending(stream, GROUP)
+        answers = await pipe.execute(raise_on_error=False)
+    infos: list[StreamInfo] = []
+    for i, stream in enumerate(streams):
+        length, groups, summary = answers[3 * i: 3 * i + 3]
+        if isinstance(length, REDIS_DOWN):
+            raise length
+        group = _group_of(groups)
+        pending_ok = isinstance(summary, Mapping)
+        lag = group.get("lag") if group is not None else None
+        infos.append(StreamInfo(
+            stream=stream,
+            length=length if isinstance(length, int) else 0,
+            has_group=group is not None and pending_ok,
+            lag=lag if isinstance(lag, int) else None,
+            pending=int(summary["pending"]) if pending_ok else 0,
+            last_delivered=str(group.get("last-delivered-id") or "") if group else "",
+            oldest_pending=(str(summary["min"]) if pending_ok and summary.get("min")
+                            else None),
+        ))
+    return infos
+
+
+_backlog_warned: dict[str, float] = {}
+
+
+async def trim_streams(
+    redis: Redis, streams: Sequence[str], *, backlog_warn: int
+) -> dict[str, int]:
+    """Trim each stream up to its safe point; entries removed per stream.
+
+    Warns when a stream holds more than ``backlog_warn`` entries that may not
+    be trimmed. Two round trips in all. (The stream length, lag and pending
+    gauges are ``workers.gauges``'s, which reads the same figures.)
+    """
+    infos = await read_infos(redis, streams)
+    points = [(info, info.trim_point) for info in infos if info.trim_point is not None]
+    if not points:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for info, point in points:
+            pipe.xtrim(info.stream, minid=point, approximate=True)
+        answers = await pipe.execute(raise_on_error=False)
+    removed: dict[str, int] = {}
+    for (info, _point), answer in zip(points, answers, strict=True):
+        if isinstance(answer, BaseException):
+            raise answer
+        removed[info.stream] = int(answer)
+        now = monotonic_s()
+        if (info.length - int(answer) > backlog_warn
+                and now - _backlog_warned.get(info.stream, -BACKLOG_WARN_EVERY_S)
+                >= BACKLOG_WARN_EVERY_S):
+            _backlog_warned[info.stream] = now
+            log.warning("stream %s holds %d entries still to be processed (more than "
+                        "TIERPOOL_STREAM_MAXLEN=%d); not trimmed: they would be lost",
+                        info.stream, info.length - int(answer), backlog_warn)
+    return removed
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One stream entry as delivered to this worker; ``fields`` None = deleted meanwhile."""
+
+    stream: str
+    entry_id: str
+    fields: Mapping[str, str] | None
+    deliveries: int = 1
+
+
+def parse_read(resp: object) -> list[Delivery]:
+    """The entries of an XREADGROUP reply, in either of redis-py's shapes."""
+    if not resp:
+        return []
+    pairs: Any = resp.items() if isinstance(resp, Mapping) else resp
+    out: list[Delivery] = []
+    for stream, entries in pairs:
+        for entry in entries or ():
+            entry_id, fields = entry[0], entry[1]
+            if entry_id is not None:
+                out.append(Delivery(str(stream), str(entry_id), fields))
+    return out
+
+
+class LoopControl:
+    """Two-phase stop for a loop that waits, then handles a batch.
+
+    ``stop(grace_s)`` cancels the wait at once (a blocking read, a sleep) and
+    gives the batch in hand until ``grace_s`` from now to finish: the batch
+    runs shielded from the task group's cancellation, under that deadline.
+    Safe to call twice (the first deadline holds); ``kill()`` cancels now.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.done = anyio.Event()
+        self._deadline = math.inf
+        self._wait: anyio.CancelScope | None = None
+        self._batch: anyio.CancelScope | None = None
+
+    @contextmanager
+    def waiting(self) -> Iterator[anyio.CancelScope]:
+        """The scope of an interruptible wait: stop() cancels it."""
+        with anyio.CancelScope() as scope:
+            if self.stopping:
+                scope.cancel()
+            self._wait = scope
+            try:
+                yield scope
+            finally:
+                self._wait = None
+
+    @contextmanager
+    def batch(self) -> Iterator[anyio.CancelScope]:
+        """The scope of a batch: shielded, cut off ``grace_s`` after a stop."""
+        with anyio.CancelScope(shield=True, deadline=self._deadline) as scope:
+            self._batch = scope
+            try:
+                yield scope
+            finally:
+                self._batch = None
+
+    def stop(self, grace_s: float) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self._deadline = anyio.current_time() + max(0.0, grace_s)
+        if self._wait is not None:
+            self._wait.cancel()
+        if self._batch is not None:
+            self._batch.deadline = min(self._batch.deadline, self._deadline)
+
+    def kill(self) -> None:
+        self.stop(0)
+        if self._batch is not None:
+            self._batch.cancel()
