@@ -84,3 +84,20 @@ class RequestTimeout(TierpoolError):
         self.request_id = request_id
         self.timeout_s = timeout_s
         super().__init__(f"no reply to {request_id} within {timeout_s:.3g}s")
+
+
+class ClientClosed(TierpoolError):
+    """Raised by the client to a request still waiting when the client closes."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        super().__init__(f"client closed while {request_id} was waiting for its reply")
+
+
+class RequestNotSent(RequestTimeout):
+    """A RequestTimeout whose request was never sent: it certainly did not happen.
+
+    Raised by the client when the timeout passed while the request was still
+    queued (Redis unreachable, or the process too busy to send it); it will
+    not be sent later. Catching RequestTimeout catches it too.
+    """
