@@ -24,6 +24,10 @@ def connect(url: str, *, client_name: str | None = None, max_connections: int = 
     return Redis.from_url(
         url,
         decode_responses=True,
+        # A producer may XADD bytes that are not UTF-8: decoding them must not
+        # raise inside redis-py's reply parser (that would stop every read of
+        # the batch); they arrive with U+FFFD and are dead-lettered as invalid.
+        encoding_errors="replace",
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), RETRIES),
