@@ -9,6 +9,7 @@ calls :func:`now_ms` here, and tests move it with :func:`set_offset_ms`.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 _offset_ms = 0
 
@@ -27,3 +28,10 @@ def set_offset_ms(offset: int) -> None:
     """Move the clock (tests only)."""
     global _offset_ms
     _offset_ms = offset
+
+
+def redis_time_ms(reply: Sequence[str | bytes | int]) -> int:
+    """Epoch ms from a Redis ``TIME`` reply (seconds, microseconds): the one clock
+    of pool state, which scripts read the same way."""
+    seconds, micros = reply[0], reply[1]
+    return int(seconds) * 1000 + int(micros) // 1000

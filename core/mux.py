@@ -44,7 +44,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.clock import now_ms
+from core.clock import now_ms, redis_time_ms
 from core.errors import (
     ClientClosed,
     InvalidMessage,
@@ -258,8 +258,8 @@ class Mux:
         await conn.connect()  # type: ignore[no-untyped-call]
         before = now_ms()
         await conn.send_command("TIME", check_health=False)
-        seconds, micros = await conn.read_response()
-        self.clock_offset_ms = int(seconds) * 1000 + int(micros) // 1000 - (before + now_ms()) // 2
+        server = redis_time_ms(await conn.read_response())
+        self.clock_offset_ms = server - (before + now_ms()) // 2
 
     async def _send_batch(
         self, conn: AbstractConnection, batch: list[_Pending], kick: int | None

@@ -25,6 +25,7 @@ from typing import Literal
 import orjson
 from redis.asyncio import Redis
 
+from core.clock import redis_time_ms
 from core.keys import Keys
 from core.placement import join_candidates
 from core.scripts import run_calls, run_one
@@ -83,7 +84,7 @@ async def read_view(redis: Redis, keys: Keys, pod_ttl_ms: int,
         pipe.hgetall(keys.pool_count)
         server_time, pools, loads, zones, caps, draining, seen, counts = await pipe.execute()
     if now_ms is None:
-        now_ms = int(server_time[0]) * 1000 + int(server_time[1]) // 1000
+        now_ms = redis_time_ms(server_time)
     marked = set(draining)
     last_seen = {pod: int(score) for pod, score in seen}
     pods = {

@@ -105,8 +105,7 @@ class PoolState:
         )
         s = settings
         self._ttl_args = (
-            str(int(s.pod_ttl_s * 1000)), str(int(s.lease_ttl_s * 1000)),
-            str(int(s.draining_ttl_s * 1000)),
+            str(s.pod_ttl_ms), str(s.lease_ttl_ms), str(s.draining_ttl_ms),
         )
         self._tables: dict[tuple[int, int, int], _PoolTable] = {}
 
@@ -151,7 +150,7 @@ class PoolState:
             entry.entry_id if entry else "",
             request_id or "",
             str(origin.deadline_ms) if origin.deadline_ms else "",
-            str(int(self.settings.reply_ttl_s * 1000)),
+            str(self.settings.reply_ttl_ms),
             str(self.settings.events_maxlen),
             str(snap.version),
             str(snap.merchants_version) if guard_merchants else "",
@@ -304,7 +303,7 @@ class PoolState:
         guard = ("", "") if decided_with is None else (
             str(decided_with.version), str(decided_with.merchants_version))
         snap_args = ("" if now_ms is None else str(now_ms), entry.entry_id if entry else "",
-                     request_id or "", "", str(int(self.settings.reply_ttl_s * 1000)),
+                     request_id or "", "", str(self.settings.reply_ttl_ms),
                      str(self.settings.events_maxlen), *guard, *self._ttl_args, "0")
         keys = (entry.stream if entry else self.keys.events,
                 self.keys.reply(request_id or "-"), self.keys.events,

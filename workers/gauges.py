@@ -24,6 +24,7 @@ from prometheus_client import Gauge
 from redis.asyncio import Redis
 
 from core import metrics
+from core.clock import redis_time_ms
 from core.keys import GROUP, Keys
 from core.tierconfig import TierConfig
 from workers.context import WorkerContext
@@ -130,8 +131,7 @@ async def read_view(redis: Redis, keys: Keys, *, with_config: bool = False) -> C
         if isinstance(answer, BaseException):
             raise answer
     it = iter(answers)
-    secs, micros = next(it)
-    now_ms = int(secs) * 1000 + int(micros) // 1000
+    now_ms = redis_time_ms(next(it))
     gauges_raw, leader, workers_raw = next(it), next(it), next(it)
     config_raw, config_version = (next(it), next(it)) if with_config else (None, None)
     infos = [_stream_info(keys, key, consumed, it) for key, consumed in streams]
