@@ -1,7 +1,7 @@
 """Load the Lua scripts of ``core/lua`` and call them by SHA, in pipelines.
 
 Each script file is one state transition; ``_prelude.lua`` is prepended to
-every script except the standalone ``leader_*`` ones. Scripts are loaded once
+every script except the standalone ``leader_*`` and ``group_*`` ones. Scripts are loaded once
 per connection pool and called with ``EVALSHA``; when Redis answers
 ``NOSCRIPT`` (it restarted or failed over and lost its script cache) the
 batch's unanswered calls are loaded and sent again, so callers never see it.
@@ -32,7 +32,7 @@ class Script:
 def script(name: str) -> Script:
     """The script ``core/lua/{name}.lua``, with the prelude unless standalone."""
     body = (LUA_DIR / f"{name}.lua").read_text()
-    if not name.startswith("leader_"):
+    if not name.startswith(("leader_", "group_")):
         body = (LUA_DIR / "_prelude.lua").read_text() + "\n" + body
     return Script(name, body, hashlib.sha1(body.encode()).hexdigest())
 

@@ -22,10 +22,10 @@ from typing import Any, Final
 import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
-from redis.typing import StreamIdT
 
 from core import metrics
 from core.keys import GROUP
+from core.scripts import Call, run_calls, script
 from workers.consumer import Processor
 from workers.context import WorkerContext
 from workers.streams import (
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 MAX_ROUNDS: Final = 8
 """XAUTOCLAIM calls per stream per tick (each claims up to ``batch_size`` entries)."""
-RESCUE_COUNT: Final = 10_000
 """Entries a removed consumer may have taken in the instant of its removal (see below)."""
 
 
@@ -57,41 +56,29 @@ def default_gc_idle_ms(claim_min_idle_ms: int) -> int:
 
 
 async def remove_consumers(
-    redis: Redis, victims: Sequence[tuple[str, str]], rescuer: str
+    redis: Redis, victims: Sequence[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    """Delete each (stream, consumer); return those deleted.
+    """Delete each (stream, consumer) that owns no pending entry; return those deleted.
 
     ``XGROUP DELCONSUMER`` drops the consumer's pending entries from the
-    group, which would lose them. Callers pick consumers that own none, but
-    one could read an entry between that check and the delete, and WATCH
-    does not see XREADGROUP. So each delete runs in a MULTI together with an
-    XPENDING of that consumer: whatever it owned at the instant of deletion
-    is known exactly and is put back in the pending list at once (``XCLAIM
-    FORCE``, owned by ``rescuer``), to be claimed like any other entry.
+    group, which would lose them, and WATCH does not see XREADGROUP; so the
+    check and the delete are one script (``group_delconsumers.lua``): a
+    consumer that read an entry in the meantime is simply kept.
     """
     if not victims:
         return []
-    async with redis.pipeline(transaction=True) as pipe:
-        for stream, name in victims:
-            pipe.xpending_range(stream, GROUP, "-", "+", RESCUE_COUNT, consumername=name)
-            pipe.xgroup_delconsumer(stream, GROUP, name)
-        answers = await pipe.execute(raise_on_error=False)
+    by_stream: dict[str, list[str]] = {}
+    for stream, name in victims:
+        by_stream.setdefault(stream, []).append(name)
+    calls = [Call(script("group_delconsumers"), [stream] * len(names), [GROUP, *names])
+             for stream, names in by_stream.items()]
     removed: list[tuple[str, str]] = []
-    rescue: list[tuple[str, list[StreamIdT]]] = []
-    for i, (stream, name) in enumerate(victims):
-        owned, deleted = answers[2 * i], answers[2 * i + 1]
-        if isinstance(deleted, BaseException):
-            continue
-        removed.append((stream, name))
-        if isinstance(owned, list) and owned:
-            rescue.append((stream, [str(p["message_id"]) for p in owned]))
-    if rescue:
-        async with redis.pipeline(transaction=False) as pipe:
-            for stream, ids in rescue:
-                pipe.xclaim(stream, GROUP, rescuer, 0, ids, force=True, justid=True)
-            await pipe.execute()
-        log.warning("a consumer read entries while it was being removed; they stay pending",
-                    extra={"entries": sum(len(ids) for _, ids in rescue)})
+    for (stream, _), answer in zip(by_stream.items(), await run_calls(redis, calls),
+                                   strict=True):
+        if isinstance(answer, list):
+            removed += [(stream, str(name)) for name in answer]
+        else:
+            log.warning("removing idle consumers of %s failed: %s", stream, answer)
     return removed
 
 
@@ -256,7 +243,7 @@ class Claimer:
                 if (c.get("name") != self.ctx.worker_id and int(c.get("pending", 1)) == 0
                         and int(c.get("idle", 0)) >= self.gc_idle_ms):
                     victims.append((stream, str(c["name"])))
-        removed = await remove_consumers(self.ctx.redis, victims, self.ctx.worker_id)
+        removed = await remove_consumers(self.ctx.redis, victims)
         if removed:
             log.info("removed %d silent consumers", len(removed),
                      extra={"consumers": sorted({name for _, name in removed})})

@@ -201,7 +201,7 @@ class Worker:
                 owners = {c["name"]: c["pending"] for c in summary.get("consumers") or ()}
                 if owners.get(ctx.worker_id, 0) == 0:
                     mine.append((stream, ctx.worker_id))
-        await remove_consumers(ctx.redis, mine, ctx.worker_id)
+        await remove_consumers(ctx.redis, mine)
 
 
 # --- the command -------------------------------------------------------------------
