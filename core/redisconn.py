@@ -4,14 +4,34 @@ Every client retries a dropped connection a few times with jittered backoff,
 so a Redis restart costs a retry, not a crash. Blocking reads set their own
 per-call timeouts below ``socket_timeout`` (redis-py #3138: a blocking read
 longer than the socket timeout raises), so the socket timeout here is long.
+
+Two costs of redis-py's asyncio client are cut here, both measured by
+``tierpool bench`` (``bench/README.md``):
+
+- commands are serialised by hiredis (C), not by redis-py's pure-Python
+  asyncio packer: packing a batch of 256 script calls of ~60 arguments took
+  ~4 ms in Python, two thirds of a worker's time;
+- a pipeline made only of ``EVALSHA`` calls (``core.scripts.run_calls``:
+  every state transition) reads its replies under one deadline instead of
+  arming and cancelling a timer per reply, which was a third of what was
+  left. Any other pipeline (transactions, WATCH, other commands and their
+  response callbacks) runs as redis-py runs it.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import anyio
+import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 SOCKET_TIMEOUT_S = 30.0
@@ -19,15 +39,102 @@ CONNECT_TIMEOUT_S = 5.0
 RETRIES = 3
 
 
+class _HiredisPacking(AbstractConnection):
+    """Packs commands with ``hiredis.pack_command``; anything it refuses goes the usual way.
+
+    Same bytes as redis-py's packer for str (UTF-8), bytes, int and float.
+    A multi-word command name (``CLIENT UNBLOCK``), a lone surrogate (packed
+    with ``encoding_errors``), or a type redis-py refuses (``DataError``) is
+    left to redis-py.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0] if args else None
+        if isinstance(first, str) and " " not in first:
+            try:
+                return [hiredis.pack_command(args)]
+            except (TypeError, UnicodeEncodeError):
+                pass
+        return super().pack_command(*args)
+
+
+_PACKING_CLASSES: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _with_hiredis_packing(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``cls`` (plain, TLS or unix socket connection) packing with hiredis; made once."""
+    if issubclass(cls, _HiredisPacking):
+        return cls
+    fast = _PACKING_CLASSES.get(cls)
+    if fast is None:
+        fast = _PACKING_CLASSES[cls] = type(f"Hiredis{cls.__name__}", (_HiredisPacking, cls), {})
+    return fast
+
+
+async def _exchange(conn: AbstractConnection, commands: list[Any]) -> list[Any]:
+    """Write ``commands`` at once, read one reply each under one deadline.
+
+    An error reply takes its command's place, as in a pipeline. Any other
+    failure (including cancellation) leaves the connection disconnected by
+    redis-py, never half-read.
+    """
+    await conn.send_packed_command(conn.pack_commands(commands))
+    answers: list[Any] = []
+    timeout_s = conn.socket_timeout
+    try:
+        with anyio.fail_after(timeout_s or math.inf):
+            for _ in commands:
+                try:
+                    answers.append(await conn.read_response(timeout=math.inf))
+                except ResponseError as exc:
+                    answers.append(exc)
+    except TimeoutError:
+        await conn.disconnect()
+        raise RedisTimeoutError(f"no reply to {len(commands)} commands in {timeout_s}s") from None
+    return answers
+
+
+async def _round_trip(pool: ConnectionPool, commands: list[Any]) -> list[Any]:
+    conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        answers: list[Any] = await conn.retry.call_with_retry(
+            lambda: _exchange(conn, commands), lambda _error: conn.disconnect())
+        return answers
+    finally:
+        await pool.release(conn)
+
+
+class _ScriptPipeline(Pipeline):
+    """A pipeline that sends a batch of ``EVALSHA`` calls the lean way (see the module doc)."""
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        stack = self.command_stack
+        if (self.is_transaction or self.explicit_transaction or self.watching or self.scripts
+                or self.connection is not None or not stack
+                or any(args[0] != "EVALSHA" for args, _ in stack)):
+            answers: list[Any] = await super().execute(raise_on_error)
+            return answers
+        try:
+            answers = await _round_trip(self.connection_pool, [args for args, _ in stack])
+        finally:
+            await self.reset()  # type: ignore[no-untyped-call]
+        if raise_on_error:
+            self.raise_first_error(stack, answers)
+        return answers
+
+
+class _Redis(Redis):
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        return _ScriptPipeline(self.connection_pool, self.response_callbacks, transaction,
+                               shard_hint)
+
+
 def connect(url: str, *, client_name: str | None = None, max_connections: int = 64) -> Redis:
     """An asyncio client with ``decode_responses=True`` and connection retries."""
-    return Redis.from_url(
+    redis = _Redis.from_url(
         url,
         decode_responses=True,
-        # A producer may XADD bytes that are not UTF-8: decoding them must not
-        # raise inside redis-py's reply parser (that would stop every read of
-        # the batch); they arrive with U+FFFD and are dead-lettered as invalid.
-        encoding_errors="replace",
+        encoding_errors="replace",  # producers' non-UTF-8 bytes become U+FFFD, never a crash
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), RETRIES),
@@ -36,3 +143,7 @@ def connect(url: str, *, client_name: str | None = None, max_connections: int = 
         client_name=client_name,
         max_connections=max_connections,
     )
+    pool = redis.connection_pool
+    if str(pool.connection_kwargs.get("encoding", "utf-8")).lower() in ("utf-8", "utf8"):
+        pool.connection_class = _with_hiredis_packing(pool.connection_class)
+    return redis

@@ -108,8 +108,8 @@ local function begin()
     return finish('expired', {'error', 'deadline_ms ' .. int(H.deadline) ..
       ' passed (now ' .. int(H.now) .. '); nothing was changed'})
   end
-  local cfgv = redis.call('GET', K.cfgv) or '0'
-  local mv = redis.call('GET', K.mv) or '0'
+  local v = redis.call('MGET', K.cfgv, K.mv)
+  local cfgv, mv = v[1] or '0', v[2] or '0'
   if (H.want_cfgv ~= '' and H.want_cfgv ~= cfgv) or (H.want_mv ~= '' and H.want_mv ~= mv) then
     return {'stale', cfgv, mv}
   end
@@ -122,8 +122,9 @@ local function pod_alive(pod)
 end
 
 -- Put a pod in, or take it out of, its pool's free index, per the invariant.
-local function refresh_free(pod)
-  local pool = redis.call('HGET', K.pool, pod)
+-- ``pool`` and ``load``, when the caller just read them, save reading them again.
+local function refresh_free(pod, pool, load)
+  pool = pool or redis.call('HGET', K.pool, pod)
   if not pool or pool == '' then return end
   local p = P[pool]
   if p == nil then return end
@@ -131,7 +132,7 @@ local function refresh_free(pod)
   local key, other = p.open, p.restricted
   if zone == 'restricted' then key, other = p.restricted, p.open end
   redis.call('ZREM', other, pod)
-  local load = tonumber(redis.call('HGET', K.load, pod) or '0')
+  load = load or tonumber(redis.call('HGET', K.load, pod) or '0')
   if load < p.max and pod_alive(pod)
       and redis.call('ZSCORE', K.draining, pod) == false then
     redis.call('ZADD', key, load, pod)
@@ -169,11 +170,12 @@ local function end_call(call_id)
   for _, c in ipairs(split_calls(redis.call('HGET', K.pcalls, pod))) do
     if c ~= call_id then kept[#kept + 1] = c end
   end
-  if redis.call('HEXISTS', K.pool, pod) == 1 then
+  local pool = redis.call('HGET', K.pool, pod)
+  if pool then
     redis.call('HSET', K.pcalls, pod, table.concat(kept, ' '))
     local load = redis.call('HINCRBY', K.load, pod, -1)
-    if load < 0 then redis.call('HSET', K.load, pod, 0) end
-    refresh_free(pod)
+    if load < 0 then redis.call('HSET', K.load, pod, 0); load = 0 end
+    refresh_free(pod, pool, load)
   end
   return rec
 end
