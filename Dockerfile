@@ -13,6 +13,7 @@ COPY pyproject.toml README.md ./
 COPY core core
 COPY schemas schemas
 COPY workers workers
+COPY bench bench
 RUN pip install . && useradd --system --no-create-home tierpool
 
 USER tierpool

@@ -1,0 +1,43 @@
+"""``tierpool bench`` runs end to end with tiny settings: a table and valid JSON come out.
+
+Not a performance test: no figure is checked against a target, only that
+every part ran and reported something.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_bench_prints_a_table_and_json() -> None:
+    """Guards the command itself: every part runs, the table and the JSON agree on the parts."""
+    cmd = [
+        sys.executable, "-m", "workers.cli", "bench",
+        "--workers", "2", "--pods", "40", "--tiers", "mixed",
+        "--duration", "0.5", "--repeat", "1", "--raw-procs", "1", "--batch", "8",
+        "--concurrency", "4", "--rates", "50", "--changes", "2", "--requests", "200",
+        "--json", "-",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    table, brace, rest = out.partition("\n{")
+    assert "| measure | result | target | met |" in table
+    for row in ("Raw ceiling", "End to end", "Latency, open loop 50/s", "Config propagation",
+                "Memory after", "Failover"):
+        assert row in table, f"no {row!r} row in:\n{table}"
+    results = json.loads(brace.strip() + rest)
+    assert set(results) >= {"meta", "raw", "e2e", "latency", "propagation", "memory",
+                            "failover"}
+    assert results["raw"]["ceiling"] > 0
+    assert results["e2e"]["max"] > 0
+    assert results["propagation"]["changes"] == 2
+    assert results["memory"]["requests"] >= 200
+    assert results["failover"]["new_token"] != results["failover"]["old_token"]
