@@ -9,10 +9,8 @@ whatever it started when it closes, whatever happened.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,9 +21,9 @@ from redis.asyncio import Redis
 
 from bench.common import BENCH_ENV
 from core.keys import Keys
-from core.redisproc import RedisProcess, free_port
+from core.redisproc import RedisProcess
+from workers.spawn import spawn_worker
 
-ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 2.0
 
@@ -118,18 +116,10 @@ class Cluster:
     def spawn(self, n: int, env: Mapping[str, str] | None = None,
               args: tuple[str, ...] = ()) -> list[WorkerProcess]:
         out = []
-        base = {k: v for k, v in os.environ.items()
-                if not k.startswith("TIERPOOL_") and k not in ("REDIS_URL", "METRICS_PORT")}
         for _ in range(n):
-            port = free_port()
-            full = {**base, **self.env, **(env or {}), "REDIS_URL": self.url,
-                    "TIERPOOL_NAMESPACE": self.namespace, "METRICS_PORT": str(port),
-                    "PYTHONUNBUFFERED": "1"}
             log_path = self.log_dir / f"worker-{len(self.workers)}.log"
-            with log_path.open("wb") as log_file:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "workers", *args], cwd=ROOT, env=full,
-                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+            proc, port = spawn_worker(self.url, self.namespace, log_path,
+                                      env={**self.env, **(env or {})}, args=args)
             wp = WorkerProcess(proc, port, log_path)
             self.workers.append(wp)
             out.append(wp)

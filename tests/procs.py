@@ -12,10 +12,8 @@ so a failing test shows what the workers said.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -27,7 +25,7 @@ import anyio.to_thread
 from redis.asyncio import Redis
 
 from core.keys import Keys
-from core.redisproc import free_port
+from workers.spawn import spawn_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "t"
@@ -102,21 +100,9 @@ class WorkerPool:
         """Start ``n`` workers (not yet ready: see :meth:`wait_ready`)."""
         out = []
         for _ in range(n):
-            port = free_port()
-            full_env = {
-                **{k: v for k, v in os.environ.items()
-                   if not k.startswith("TIERPOOL_") and k not in ("REDIS_URL", "METRICS_PORT")},
-                **self.env, **(env or {}),
-                "REDIS_URL": self.redis_url,
-                "TIERPOOL_NAMESPACE": self.namespace,
-                "METRICS_PORT": str(port),
-                "PYTHONUNBUFFERED": "1",
-            }
             log_path = self.log_dir / f"worker-{len(self.procs)}.log"
-            with log_path.open("wb") as log_file:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "workers", *args], cwd=ROOT, env=full_env,
-                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+            proc, port = spawn_worker(self.redis_url, self.namespace, log_path,
+                                      env={**self.env, **(env or {})}, args=args)
             wp = WorkerProc(proc, log_path, port)
             self.procs.append(wp)
             out.append(wp)
