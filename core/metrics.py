@@ -72,6 +72,10 @@ active_calls = Gauge(
     "tierpool_active_calls", "Live calls in the namespace.", registry=REGISTRY)
 unassigned_pods = Gauge(
     "tierpool_unassigned_pods", "Registered pods with no pool.", registry=REGISTRY)
+gauges_age = Gauge(
+    "tierpool_gauges_age_seconds",
+    "Age of the pool gauges the leader computed (they freeze when no leader runs): "
+    "alert when it grows. NaN until a leader has computed them once.", registry=REGISTRY)
 config_version = Gauge(
     "tierpool_config_version", "Tier config version this worker serves.", registry=REGISTRY)
 leader = Gauge(

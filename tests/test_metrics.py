@@ -168,9 +168,11 @@ async def test_read_view_of_an_empty_namespace(r: Redis) -> None:
     assert all(s.length == 0 and not s.consumed for s in view.streams)
 
 
-def _view(pools: Mapping[str, PoolGauges], lag: int | None) -> ClusterView:
+def _view(pools: Mapping[str, PoolGauges], lag: int | None, *, now_ms: int = 0,
+          gauges_at_ms: int | None = 0) -> ClusterView:
     return ClusterView(
-        now_ms=0, pools=dict(pools), unassigned=1, active_calls=3, gauges_at_ms=0,
+        now_ms=now_ms, pools=dict(pools), unassigned=1, active_calls=3,
+        gauges_at_ms=gauges_at_ms,
         leader=None, workers=[],
         streams=[StreamInfo("allocate", "k", 10, consumed=True, lag=lag, pending=2)])
 
@@ -211,6 +213,16 @@ def test_exporter_copies_and_forgets_pools() -> None:
     # Redis could not tell the lag this time: the last known value stays, never NaN.
     lag = value(samples, "tierpool_stream_lag", stream="allocate")
     assert lag == 5 and not math.isnan(lag)
+
+
+def test_gauges_age_shows_when_no_leader_refreshes_them() -> None:
+    """Pool gauges freeze without a leader: their age says so, for alerting."""
+    exporter = GaugeExporter()
+    cfg = parse_tier_config('{"a": 1}', version=1)
+    exporter.apply(_view({}, lag=0, now_ms=50_000, gauges_at_ms=20_000), cfg, is_leader=False)
+    assert value(parse(metrics_text()), "tierpool_gauges_age_seconds") == 30.0
+    exporter.apply(_view({}, lag=0, now_ms=50_000, gauges_at_ms=None), cfg, is_leader=False)
+    assert math.isnan(value(parse(metrics_text()), "tierpool_gauges_age_seconds"))
 
 
 def metrics_text() -> str:

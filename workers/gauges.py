@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -220,6 +221,9 @@ class GaugeExporter:
 
         metrics.active_calls.set(view.active_calls)
         metrics.unassigned_pods.set(view.unassigned)
+        metrics.gauges_age.set(
+            math.nan if view.gauges_at_ms is None
+            else max(0.0, (view.now_ms - view.gauges_at_ms) / 1000))
         metrics.config_version.set(config.version)
         metrics.leader.set(1 if is_leader else 0)
         for s in view.streams:
