@@ -310,8 +310,10 @@ class PoolState:
                 self.keys.config_version, self.keys.merchants_version, *self._state_keys,
                 self.keys.dead)
         payload = orjson.dumps(fields).decode()
+        config_reply = entry is not None and entry.stream == self.keys.request_stream("config")
         return Call(script("reject"), keys, (*snap_args, error, payload,
-                                             str(self.settings.dead_maxlen), str(deliveries)))
+                                             str(self.settings.dead_maxlen), str(deliveries),
+                                             "1" if config_reply else "0"))
 
 
 def merchant_policy_problems(merchant_id: str, policy: object, snap: ConfigSnapshot) -> list[str]:

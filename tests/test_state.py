@@ -383,3 +383,26 @@ async def test_rejection_decided_on_an_old_snapshot_is_decided_again(r: Redis) -
     out = await state.apply(ConfigRequest(request_id="m", merchant_id="acme-co",
                                           merchant=MerchantPolicy(pool="acme")))
     assert out.status == "applied"
+
+
+async def test_every_config_reply_carries_the_version_in_force(r: Redis) -> None:
+    """CONTRACT: config_version is on config replies, whatever their status."""
+    state = await make_state(r, {"gold": 1})
+    stream = KEYS.request_stream("config")
+    await r.xgroup_create(stream, "tierpool", id="0", mkstream=True)
+    cases = [
+        (ConfigRequest(request_id="ok", config='{"gold": 2}'), "applied", "2"),
+        (ConfigRequest(request_id="cas", config='{"gold": 3}', expected_version=1),
+         "conflict", "2"),
+        (ConfigRequest(request_id="bad", config='{"gold": -1}'), "invalid", "2"),
+        (ConfigRequest(request_id="late", config='{"gold": 3}', deadline_ms=1), "expired", "2"),
+        (ConfigRequest(request_id="pol", merchant_id="m", merchant=MerchantPolicy()),
+         "applied", "2"),
+    ]
+    for msg, status, version in cases:
+        await r.xadd(stream, {"request_id": msg.request_id})
+        [[_, [(entry_id, _)]]] = await r.xreadgroup("tierpool", "w1", {stream: ">"}, count=1)
+        out = await state.apply(msg, Entry(stream, entry_id))
+        [(_, reply)] = await r.xrange(KEYS.reply(msg.request_id))
+        assert (reply["status"], reply.get("config_version")) == (status, version), msg
+        assert out.status == status

@@ -101,12 +101,24 @@ local function finish(status, fields)
   return out
 end
 
+-- Replies to config requests carry the config version in force (contract),
+-- whatever their status; config scripts set this before begin().
+local CONFIG_REPLY = false
+
+local function config_fields(fields)
+  if CONFIG_REPLY then
+    fields[#fields + 1] = 'config_version'
+    fields[#fields + 1] = redis.call('GET', K.cfgv) or '0'
+  end
+  return fields
+end
+
 -- Steps 1-3 of every request script. Returns a result to return at once, or nil.
 local function begin()
   if not still_pending() then return {'dup'} end
   if H.deadline > 0 and H.now > H.deadline then
-    return finish('expired', {'error', 'deadline_ms ' .. int(H.deadline) ..
-      ' passed (now ' .. int(H.now) .. '); nothing was changed'})
+    return finish('expired', config_fields({'error', 'deadline_ms ' .. int(H.deadline) ..
+      ' passed (now ' .. int(H.now) .. '); nothing was changed'}))
   end
   local v = redis.call('MGET', K.cfgv, K.mv)
   local cfgv, mv = v[1] or '0', v[2] or '0'

@@ -14,6 +14,7 @@
 -- leader assigns it again); every free index is rebuilt against the new
 -- max_concurrent, so no pod is over its new limit in any index.
 
+CONFIG_REPLY = true
 local early = begin()
 if early then return early end
 

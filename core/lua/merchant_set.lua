@@ -10,6 +10,7 @@
 -- Invariants: the policy and merchants:version change together, so a worker
 -- holding an older policy set cannot allocate (its guard goes stale).
 
+CONFIG_REPLY = true
 local early = begin()
 if early then return early end
 

@@ -2,7 +2,8 @@
 --
 -- KEYS, ARGV 1-12: the fixed layout in _prelude.lua, with no pools.
 -- KEYS[19]: the dead-letter stream.
--- ARGV[ARG0..]: error, original fields JSON, dead stream maxlen, deliveries.
+-- ARGV[ARG0..]: error, original fields JSON, dead stream maxlen, deliveries,
+--   "1" when the entry is a config request (its reply carries config_version).
 -- Returns {'invalid', 'error', error}, {'dup'}, or {'stale', ...} when the
 -- caller passed the config/merchant versions its rejection depended on and
 -- Redis holds newer ones (it decides again with a fresh snapshot).
@@ -18,7 +19,8 @@ if H.want_mv ~= '' and H.want_mv ~= (redis.call('GET', K.mv) or '0') then
   return {'stale', redis.call('GET', K.cfgv) or '0', redis.call('GET', K.mv)}
 end
 local err, payload, maxlen, deliveries = ARGV[ARG0], ARGV[ARG0 + 1], ARGV[ARG0 + 2], ARGV[ARG0 + 3]
+CONFIG_REPLY = ARGV[ARG0 + 4] == '1'  -- a config request: its reply carries config_version
 redis.call('XADD', KEYS[19], 'MAXLEN', '~', maxlen, '*',
   'stream', K.stream, 'entry_id', H.entry, 'request_id', H.rid, 'error', err,
   'fields', payload, 'deliveries', deliveries, 'at_ms', int(H.now))
-return finish('invalid', {'error', err})
+return finish('invalid', config_fields({'error', err}))
