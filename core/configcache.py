@@ -50,7 +50,7 @@ from core.errors import TierConfigError
 from core.keys import Keys
 from core.settings import Settings
 from core.snapshot import ConfigSnapshot, read_snapshot
-from core.tierconfig import TierConfig, parse_tier_config, to_json
+from core.tierconfig import TierConfig, to_json
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class _PubSubDead(OSError):
 
 
 def env_config(settings: Settings) -> TierConfig:
-    """The ``TIER_CONFIG`` of the environment (the default one when empty)."""
-    return parse_tier_config(settings.tier_config_raw or "", version=1)
+    """The ``TIER_CONFIG`` of the environment (the default one when empty), as version 1."""
+    return settings.tier_config().with_version(1)
 
 
 async def bootstrap(redis: Redis, keys: Keys, config: TierConfig, after_version: int = 0) -> bool:

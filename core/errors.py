@@ -45,24 +45,6 @@ class InvalidMessage(TierpoolError):
         super().__init__(error)
 
 
-class StaleConfig(TierpoolError):
-    """Raised by ``core.state`` when Redis holds a newer config than the caller's.
-
-    The caller refreshes its snapshot and runs the request again.
-    """
-
-    def __init__(self, used: int, current: int) -> None:
-        self.used = used
-        self.current = current
-        super().__init__(f"config version {used} is stale; Redis has {current}")
-
-
-class NotLeader(TierpoolError):
-    """Raised by leader-only operations when the fencing token is no longer current."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-        super().__init__(f"leadership token {token!r} is no longer current")
 
 
 class RedisUnavailable(TierpoolError):

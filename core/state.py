@@ -65,10 +65,6 @@ class Outcome:
     status: str
     fields: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def acked(self) -> bool:
-        return self.status not in ("dup", "stale", "error")
-
 
 @dataclass(frozen=True, slots=True)
 class _Origin:

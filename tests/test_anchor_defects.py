@@ -271,3 +271,25 @@ async def test_drain_racing_allocations_never_loses_a_pod_or_a_count(
     assert not await violations(r, KEYS, snap.config, now_ms=0, pod_ttl_ms=1e18)
     for c in clients:
         await c.aclose()
+
+
+async def test_d28_d29_gauges_count_every_call_of_a_shared_pod(r: Redis) -> None:
+    """§14.28/29: status pools were empty, and lease-based active_calls counted a
+    shared pod with several calls once (4 instead of 6). Gauges count pod:load."""
+    from core.leader import Election
+    from core.reconcile import publish_gauges
+
+    state = await make_state(r, {"basic": {"type": "shared", "target": 2, "max_concurrent": 4},
+                                 "gold": {"target": 1}})
+    ops = Ops(state)
+    for p in ("s1", "s2", "g1"):
+        await ops.register(p)
+    for i in range(5):
+        await ops.allocate(f"s{i}", chain=("basic",))
+    await ops.allocate("g", chain=("gold",))
+    token = await Election(r, KEYS, "t", 2000, 0.5).try_acquire()
+    assert token is not None
+    res = await publish_gauges(state, token)
+    basic = res.gauges["pools"]["basic"]  # type: ignore[index]
+    assert res.gauges["active_calls"] == 6
+    assert (basic["pods"], basic["calls"], basic["free_capacity"]) == (2, 5, 3)
