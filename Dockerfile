@@ -10,9 +10,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+# tierpool/ links the top-level folders in as its subpackages.
+COPY tierpool tierpool
 COPY core core
 COPY schemas schemas
 COPY workers workers
+COPY client client
 COPY bench bench
 RUN pip install . && useradd --system --no-create-home tierpool
 

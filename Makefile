@@ -22,12 +22,14 @@ run: install redis-server
 
 test: install redis-server
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 check: lint typecheck
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 typecheck: install
 	$(BIN)/mypy
 

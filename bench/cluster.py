@@ -1,6 +1,6 @@
 """A private Redis and worker processes for one benchmark run.
 
-Workers are ``python -m workers`` processes, as deployed, each with its own
+Workers are ``python -m tierpool.workers`` processes, as deployed, each with its own
 free ``METRICS_PORT`` and a log file. A worker is ready once its id is in
 ``tp:{NS}:workers`` (written after every role started). The cluster kills
 whatever it started when it closes, whatever happened.
@@ -19,10 +19,10 @@ from pathlib import Path
 import anyio
 from redis.asyncio import Redis
 
-from bench.common import BENCH_ENV
-from core.keys import Keys
-from core.redisproc import RedisProcess
-from workers.spawn import spawn_worker
+from tierpool.bench.common import BENCH_ENV
+from tierpool.core.keys import Keys
+from tierpool.workers.redisproc import RedisProcess
+from tierpool.workers.spawn import spawn_worker
 
 READY_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 2.0
@@ -113,13 +113,15 @@ class Cluster:
     def start_redis(self) -> None:
         self.redis_proc.start()
 
-    def spawn(self, n: int, env: Mapping[str, str] | None = None,
-              args: tuple[str, ...] = ()) -> list[WorkerProcess]:
+    def spawn(
+        self, n: int, env: Mapping[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> list[WorkerProcess]:
         out = []
         for _ in range(n):
             log_path = self.log_dir / f"worker-{len(self.workers)}.log"
-            proc, port = spawn_worker(self.url, self.namespace, log_path,
-                                      env={**self.env, **(env or {})}, args=args)
+            proc, port = spawn_worker(
+                self.url, self.namespace, log_path, env={**self.env, **(env or {})}, args=args
+            )
             wp = WorkerProcess(proc, port, log_path)
             self.workers.append(wp)
             out.append(wp)
@@ -132,16 +134,18 @@ class Cluster:
                 members = [str(m) for m in await redis.zrange(self.keys.workers, 0, -1)]
                 for wp in procs:
                     if not wp.alive():
-                        raise BenchError(f"worker {wp.pid} exited with {wp.proc.returncode}:\n"
-                                         f"{wp.log_tail()}")
+                        raise BenchError(
+                            f"worker {wp.pid} exited with {wp.proc.returncode}:\n{wp.log_tail()}"
+                        )
                     if wp.worker_id is None:
                         wp.worker_id = next((m for m in members if f"-{wp.pid}-" in m), None)
                 if all(wp.worker_id for wp in procs):
                     return
                 await anyio.sleep(0.02)
 
-    async def start_workers(self, redis: Redis, n: int,
-                            args: tuple[str, ...] = ()) -> list[WorkerProcess]:
+    async def start_workers(
+        self, redis: Redis, n: int, args: tuple[str, ...] = ()
+    ) -> list[WorkerProcess]:
         procs = self.spawn(n, args=args)
         await self.wait_ready(redis, procs)
         return procs

@@ -15,12 +15,12 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 
-from core.keys import Keys
-from core.settings import Settings
-from core.snapshot import ConfigSnapshot, read_snapshot
-from core.state import PoolState
-from core.tierconfig import default_tier_config, parse_tier_config, to_json
-from schemas import PodRegister
+from tierpool.core.keys import Keys
+from tierpool.core.settings import Settings
+from tierpool.core.snapshot import ConfigSnapshot, read_snapshot
+from tierpool.core.state import PoolState
+from tierpool.core.tierconfig import default_tier_config, parse_tier_config, to_json
+from tierpool.schemas import PodRegister
 
 TIER_MIXES: Final = ("exclusive", "shared", "mixed")
 SHARED_MAX_CONCURRENT: Final = 4
@@ -54,15 +54,19 @@ def tier_config(mix: str, pods: int) -> dict[str, Any]:
         }
         chain = ["gold", "standard", "overflow"]
     elif mix == "shared":
-        tiers = {"basic": {"type": "shared", "target": pods,
-                           "max_concurrent": SHARED_MAX_CONCURRENT}}
+        tiers = {
+            "basic": {"type": "shared", "target": pods, "max_concurrent": SHARED_MAX_CONCURRENT}
+        }
         chain = ["basic"]
     elif mix == "mixed":
         half = pods // 2
         tiers = {
             "gold": {"type": "exclusive", "target": half},
-            "basic": {"type": "shared", "target": pods - half,
-                      "max_concurrent": SHARED_MAX_CONCURRENT},
+            "basic": {
+                "type": "shared",
+                "target": pods - half,
+                "max_concurrent": SHARED_MAX_CONCURRENT,
+            },
         }
         chain = ["gold", "basic"]
     else:
@@ -81,8 +85,9 @@ def capacity(mix: str, pods: int) -> int:
 
 
 def bench_settings(url: str, namespace: str, **env: str) -> Settings:
-    return Settings.from_env({**BENCH_ENV, "REDIS_URL": url, "TIERPOOL_NAMESPACE": namespace,
-                              **env})
+    return Settings.from_env(
+        {**BENCH_ENV, "REDIS_URL": url, "TIERPOOL_NAMESPACE": namespace, **env}
+    )
 
 
 class RedisSnapshot:
@@ -161,8 +166,13 @@ class Quantiles:
     @classmethod
     def of(cls, values: Sequence[float]) -> Quantiles:
         s = sorted(values)
-        return cls(len(s), percentile(s, 0.5), percentile(s, 0.99), percentile(s, 0.999),
-                   s[-1] if s else math.nan)
+        return cls(
+            len(s),
+            percentile(s, 0.5),
+            percentile(s, 0.99),
+            percentile(s, 0.999),
+            s[-1] if s else math.nan,
+        )
 
 
 def _dumps(value: Mapping[str, Any]) -> str:

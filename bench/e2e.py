@@ -1,6 +1,6 @@
 """End to end through the streams: clients XADD, workers serve, clients await replies.
 
-Every request goes through :class:`core.client.TierpoolClient`, as a producer's
+Every request goes through :class:`tierpool.client.TierpoolClient`, as a producer's
 would: one allocate, then the release of the same call. Two ways to load:
 
 - **closed loop** (throughput): ``concurrency`` tasks, each sending its next
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from core.client import TierpoolClient
-from core.errors import TierpoolError
+from tierpool.client.client import TierpoolClient
+from tierpool.core.errors import TierpoolError
 
 WARMUP_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
@@ -70,8 +70,9 @@ class LoadResult:
         return self.pairs / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-async def _pair(client: TierpoolClient, call_id: str, res: LoadResult, t_sched: float,
-                record: bool) -> None:
+async def _pair(
+    client: TierpoolClient, call_id: str, res: LoadResult, t_sched: float, record: bool
+) -> None:
     """One allocate and its release; latencies from ``t_sched`` (perf_counter)."""
     try:
         reply = await client.allocate(call_id, timeout_s=REQUEST_TIMEOUT_S)
@@ -137,8 +138,9 @@ async def _open(client: TierpoolClient, job: LoadJob, res: LoadResult) -> None:
 async def run_job(job: LoadJob) -> LoadResult:
     res = LoadResult()
     cpu0 = time.process_time()
-    async with TierpoolClient.from_url(job.url, namespace=job.namespace,
-                                       client_name=f"bench-{job.tag}") as client:
+    async with TierpoolClient.from_url(
+        job.url, namespace=job.namespace, client_name=f"bench-{job.tag}"
+    ) as client:
         if job.mode == "open":
             # Open the connections and warm up before the clock starts.
             for i in range(20):
@@ -165,19 +167,28 @@ def run_load(jobs: list[LoadJob]) -> LoadResult:
     return total
 
 
-def closed_loop(url: str, namespace: str, *, concurrency: int, processes: int,
-                duration_s: float, tag: str) -> LoadResult:
+def closed_loop(
+    url: str, namespace: str, *, concurrency: int, processes: int, duration_s: float, tag: str
+) -> LoadResult:
     start_at = time.time() + 1.5 + 0.3 * processes + WARMUP_S
-    per = [concurrency // processes + (1 if i < concurrency % processes else 0)
-           for i in range(processes)]
-    jobs = [LoadJob(url, namespace, f"{tag}p{i}", "closed", start_at, duration_s,
-                    concurrency=c) for i, c in enumerate(per) if c > 0]
+    per = [
+        concurrency // processes + (1 if i < concurrency % processes else 0)
+        for i in range(processes)
+    ]
+    jobs = [
+        LoadJob(url, namespace, f"{tag}p{i}", "closed", start_at, duration_s, concurrency=c)
+        for i, c in enumerate(per)
+        if c > 0
+    ]
     return run_load(jobs)
 
 
-def open_loop(url: str, namespace: str, *, rate: float, processes: int,
-              duration_s: float, tag: str) -> LoadResult:
+def open_loop(
+    url: str, namespace: str, *, rate: float, processes: int, duration_s: float, tag: str
+) -> LoadResult:
     start_at = time.time() + 1.5 + 0.3 * processes + WARMUP_S
-    jobs = [LoadJob(url, namespace, f"{tag}p{i}", "open", start_at, duration_s,
-                    rate=rate / processes) for i in range(processes)]
+    jobs = [
+        LoadJob(url, namespace, f"{tag}p{i}", "open", start_at, duration_s, rate=rate / processes)
+        for i in range(processes)
+    ]
     return run_load(jobs)

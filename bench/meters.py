@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis as syncredis
 
-from bench.cluster import Cluster, WorkerProcess
+from tierpool.bench.cluster import Cluster, WorkerProcess
 
 
 def _redis_cpu_s(r: syncredis.Redis) -> float:
@@ -52,8 +52,11 @@ class CpuMeter:
         """CPU µs per allocate+release, by process kind (``pairs`` counts the warm-up too)."""
         if pairs <= 0:
             return {"redis_us": math.nan, "workers_us": math.nan, "clients_us": math.nan}
-        return {"redis_us": self.redis_s / pairs * 1e6, "workers_us": self.workers_s / pairs * 1e6,
-                "clients_us": clients_s / pairs * 1e6}
+        return {
+            "redis_us": self.redis_s / pairs * 1e6,
+            "workers_us": self.workers_s / pairs * 1e6,
+            "clients_us": clients_s / pairs * 1e6,
+        }
 
 
 class Sampler:
@@ -83,10 +86,16 @@ class Sampler:
             except syncredis.RedisError:
                 continue
             rss = max((w.rss_kb() for w in self.cluster.live_workers()), default=0)
-            self.samples.append({
-                "t_s": time.monotonic() - self._t0, "allocate_len": a, "release_len": rel,
-                "events_len": ev, "redis_used_memory_mb": int(mem["used_memory"]) / 2**20,
-                "worker_rss_max_mb": rss / 1024})
+            self.samples.append(
+                {
+                    "t_s": time.monotonic() - self._t0,
+                    "allocate_len": a,
+                    "release_len": rel,
+                    "events_len": ev,
+                    "redis_used_memory_mb": int(mem["used_memory"]) / 2**20,
+                    "worker_rss_max_mb": rss / 1024,
+                }
+            )
 
     def __enter__(self) -> Sampler:
         self._thread.start()

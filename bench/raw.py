@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import anyio
 
-from bench.common import bench_settings, make_state
-from core.redisconn import connect
-from core.state import PoolState
-from schemas import AllocateRequest, ReleaseRequest
+from tierpool.bench.common import bench_settings, make_state
+from tierpool.core.redisconn import connect
+from tierpool.core.state import PoolState
+from tierpool.schemas import AllocateRequest, ReleaseRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +96,7 @@ async def _timed_loop(
         await anyio.sleep(max(0.0, start_at - time.time()))
         t0 = time.perf_counter()
         end = t0 + duration_s
-        pairs, rejected = await run_pairs(
-            state, tag, batch, lambda _p: time.perf_counter() >= end)
+        pairs, rejected = await run_pairs(state, tag, batch, lambda _p: time.perf_counter() >= end)
         elapsed = time.perf_counter() - t0
     finally:
         await redis.aclose()
@@ -124,8 +123,13 @@ def measure(
         results = pool.map(_process_main, jobs)
     pairs = sum(r.pairs for r in results)
     return RawResult(
-        processes, pairs, max(r.elapsed_s for r in results), sum(r.rejected for r in results),
-        pairs + sum(r.warmup_pairs for r in results), sum(r.cpu_s for r in results))
+        processes,
+        pairs,
+        max(r.elapsed_s for r in results),
+        sum(r.rejected for r in results),
+        pairs + sum(r.warmup_pairs for r in results),
+        sum(r.cpu_s for r in results),
+    )
 
 
 async def profile_in_process(
@@ -142,4 +146,3 @@ async def profile_in_process(
         return pairs, time.perf_counter() - t0
     finally:
         await redis.aclose()
-

@@ -9,7 +9,7 @@ target is met. Parts, in the order they run:
    ``PoolState.run`` (no streams, no workers) from 1 and more processes:
    the ceiling the stream path is compared with.
 2. ``e2e``: allocate then release through the streams with
-   ``core.client.TierpoolClient``, closed loop, ``--workers`` workers.
+   ``tierpool.client.TierpoolClient``, closed loop, ``--workers`` workers.
 3. ``latency``: open loop at fixed rates; p50/p99/p99.9 from scheduling the
    request to receiving its reply.
 4. ``propagation``: from a config change's ``applied`` reply to the last
@@ -41,17 +41,17 @@ from typing import Any
 import anyio
 import redis as syncredis
 
-from bench import e2e, raw, scenarios
-from bench.cluster import Cluster
-from bench.common import (
+from tierpool.bench import e2e, raw, scenarios
+from tierpool.bench.cluster import Cluster
+from tierpool.bench.common import (
     TIER_MIXES,
     Quantiles,
     bench_settings,
     capacity,
     setup_namespace,
 )
-from bench.meters import CpuMeter, Sampler
-from core.redisconn import connect
+from tierpool.bench.meters import CpuMeter, Sampler
+from tierpool.core.redisconn import connect
 
 PARTS = ("raw", "e2e", "latency", "propagation", "memory", "failover")
 RAW_NAMESPACE = "benchraw"
@@ -67,38 +67,84 @@ TARGETS = {
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--pods", type=int, default=1000, help="registered pods (default 1000)")
-    parser.add_argument("--tiers", choices=TIER_MIXES, default="exclusive",
-                        help="tier mix: exclusive pools, one shared pool, or both")
-    parser.add_argument("--duration", type=float, default=8.0,
-                        help="seconds per throughput measurement (default 8)")
-    parser.add_argument("--latency-duration", type=float, default=None,
-                        help="seconds per latency rate (default: --duration)")
-    parser.add_argument("--requests", type=int, default=1_000_000,
-                        help="requests (allocate + release) sent before memory is read "
-                             "(default 1000000)")
-    parser.add_argument("--only", default=",".join(PARTS),
-                        help=f"comma-separated parts to run, of {','.join(PARTS)}")
-    parser.add_argument("--json", metavar="PATH", default=None,
-                        help="also write the results as JSON to PATH ('-': print them)")
-    parser.add_argument("--raw-procs", default="1,2",
-                        help="client process counts for the raw ceiling (default 1,2)")
-    parser.add_argument("--batch", type=int, default=256,
-                        help="calls per pipelined batch in the raw ceiling (default 256)")
-    parser.add_argument("--concurrency", default="64,256",
-                        help="closed-loop concurrent requests to try (default 64,256)")
-    parser.add_argument("--client-procs", type=int, default=1,
-                        help="client processes sharing the e2e load (default 1)")
-    parser.add_argument("--rates", default="500,1000,2000",
-                        help="open-loop allocations/s (80%% of the e2e max is added)")
-    parser.add_argument("--repeat", type=int, default=2,
-                        help="runs of each raw and e2e measurement; the best is kept "
-                             "(other processes on the machine make single runs noisy; default 2)")
-    parser.add_argument("--profile", metavar="PATH", default=None,
-                        help="also run the raw loop in this process under cProfile for "
-                             "--duration s, write the stats to PATH and print the costliest "
-                             "functions")
-    parser.add_argument("--changes", type=int, default=20,
-                        help="config changes for the propagation figure (default 20)")
+    parser.add_argument(
+        "--tiers",
+        choices=TIER_MIXES,
+        default="exclusive",
+        help="tier mix: exclusive pools, one shared pool, or both",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=8.0, help="seconds per throughput measurement (default 8)"
+    )
+    parser.add_argument(
+        "--latency-duration",
+        type=float,
+        default=None,
+        help="seconds per latency rate (default: --duration)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=1_000_000,
+        help="requests (allocate + release) sent before memory is read (default 1000000)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run, of {','.join(PARTS)}",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="also write the results as JSON to PATH ('-': print them)",
+    )
+    parser.add_argument(
+        "--raw-procs", default="1,2", help="client process counts for the raw ceiling (default 1,2)"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=256,
+        help="calls per pipelined batch in the raw ceiling (default 256)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        default="64,256",
+        help="closed-loop concurrent requests to try (default 64,256)",
+    )
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=1,
+        help="client processes sharing the e2e load (default 1)",
+    )
+    parser.add_argument(
+        "--rates",
+        default="500,1000,2000",
+        help="open-loop allocations/s (80%% of the e2e max is added)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="runs of each raw and e2e measurement; the best is kept "
+        "(other processes on the machine make single runs noisy; default 2)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        default=None,
+        help="also run the raw loop in this process under cProfile for "
+        "--duration s, write the stats to PATH and print the costliest "
+        "functions",
+    )
+    parser.add_argument(
+        "--changes",
+        type=int,
+        default=20,
+        help="config changes for the propagation figure (default 20)",
+    )
 
 
 @dataclass
@@ -125,24 +171,41 @@ def run_raw(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
     procs = [int(x) for x in a.raw_procs.split(",") if x.strip()]
     need = max(procs) * a.batch
     if need > capacity(a.tiers, a.pods):
-        print(f"warning: raw needs {need} calls at once, the pools hold "
-              f"{capacity(a.tiers, a.pods)}: some allocations will be rejected", file=sys.stderr)
+        print(
+            f"warning: raw needs {need} calls at once, the pools hold "
+            f"{capacity(a.tiers, a.pods)}: some allocations will be rejected",
+            file=sys.stderr,
+        )
     rows = []
     for rep in range(a.repeat):
         for p in procs:
             load = os.getloadavg()[0]
             with CpuMeter(r, []) as cpu:
-                res = raw.measure(cluster.url, RAW_NAMESPACE, processes=p, batch=a.batch,
-                                  duration_s=a.duration)
-            rows.append({"processes": p, "repeat": rep, "allocations_per_s": res.rate,
-                         "pairs": res.pairs, "rejected": res.rejected, "loadavg_1m_before": load,
-                         **cpu.per_pair_us(res.all_pairs, res.cpu_s)})
+                res = raw.measure(
+                    cluster.url, RAW_NAMESPACE, processes=p, batch=a.batch, duration_s=a.duration
+                )
+            rows.append(
+                {
+                    "processes": p,
+                    "repeat": rep,
+                    "allocations_per_s": res.rate,
+                    "pairs": res.pairs,
+                    "rejected": res.rejected,
+                    "loadavg_1m_before": load,
+                    **cpu.per_pair_us(res.all_pairs, res.cpu_s),
+                }
+            )
             _progress(f"raw, {p} process(es): {res.rate:,.0f} allocations/s")
     if a.profile:
         _profile_raw(cluster, a)
     best = max(rows, key=lambda x: x["allocations_per_s"])
-    run.results["raw"] = {"batch": a.batch, "runs": rows, "ceiling": best["allocations_per_s"],
-                          "ceiling_processes": best["processes"], "best": best}
+    run.results["raw"] = {
+        "batch": a.batch,
+        "runs": rows,
+        "ceiling": best["allocations_per_s"],
+        "ceiling_processes": best["processes"],
+        "best": best,
+    }
     for key in r.scan_iter(match=f"tp:{{{RAW_NAMESPACE}}}:*", count=1000):
         r.unlink(key)
 
@@ -154,14 +217,19 @@ def _profile_raw(cluster: Cluster, a: argparse.Namespace) -> None:
 
     prof = cProfile.Profile()
     prof.enable()
-    pairs, elapsed = anyio.run(partial(raw.profile_in_process, cluster.url, RAW_NAMESPACE,
-                                       batch=a.batch, duration_s=a.duration))
+    pairs, elapsed = anyio.run(
+        partial(
+            raw.profile_in_process, cluster.url, RAW_NAMESPACE, batch=a.batch, duration_s=a.duration
+        )
+    )
     prof.disable()
     prof.dump_stats(a.profile)
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(20)
-    _progress(f"raw under cProfile: {pairs / elapsed:,.0f} allocations/s; stats in "
-              f"{a.profile}\n{text.getvalue()}")
+    _progress(
+        f"raw under cProfile: {pairs / elapsed:,.0f} allocations/s; stats in "
+        f"{a.profile}\n{text.getvalue()}"
+    )
 
 
 def run_e2e(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
@@ -170,27 +238,50 @@ def run_e2e(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
     cap = capacity(a.tiers, a.pods)
     for n in levels:
         if n > cap:
-            print(f"warning: concurrency {n} above the pools' capacity {cap}: "
-                  "some allocations are rejected", file=sys.stderr)
+            print(
+                f"warning: concurrency {n} above the pools' capacity {cap}: "
+                "some allocations are rejected",
+                file=sys.stderr,
+            )
     rows = []
     for rep in range(a.repeat):
         for n in levels:
             load = os.getloadavg()[0]
             with CpuMeter(r, cluster.live_workers()) as cpu:
-                res = e2e.closed_loop(cluster.url, cluster.namespace, concurrency=n,
-                                      processes=a.client_procs, duration_s=a.duration,
-                                      tag=f"c{n}r{rep}")
+                res = e2e.closed_loop(
+                    cluster.url,
+                    cluster.namespace,
+                    concurrency=n,
+                    processes=a.client_procs,
+                    duration_s=a.duration,
+                    tag=f"c{n}r{rep}",
+                )
             run.requests_sent += _requests_of(res)
             lat = Quantiles.of(res.alloc_latency_s)
-            rows.append({"concurrency": n, "repeat": rep, "allocations_per_s": res.rate,
-                         "pairs": res.pairs, "rejected": res.rejected, "errors": res.errors,
-                         "loadavg_1m_before": load, "alloc_p50_s": lat.p50,
-                         "alloc_p99_s": lat.p99, **cpu.per_pair_us(res.all_pairs, res.cpu_s)})
+            rows.append(
+                {
+                    "concurrency": n,
+                    "repeat": rep,
+                    "allocations_per_s": res.rate,
+                    "pairs": res.pairs,
+                    "rejected": res.rejected,
+                    "errors": res.errors,
+                    "loadavg_1m_before": load,
+                    "alloc_p50_s": lat.p50,
+                    "alloc_p99_s": lat.p99,
+                    **cpu.per_pair_us(res.all_pairs, res.cpu_s),
+                }
+            )
             _progress(f"e2e, {n} concurrent: {res.rate:,.0f} allocations/s")
     best = max(rows, key=lambda x: x["allocations_per_s"])
-    out: dict[str, Any] = {"workers": a.workers, "client_processes": a.client_procs,
-                           "runs": rows, "max": best["allocations_per_s"],
-                           "max_concurrency": best["concurrency"], "best": best}
+    out: dict[str, Any] = {
+        "workers": a.workers,
+        "client_processes": a.client_procs,
+        "runs": rows,
+        "max": best["allocations_per_s"],
+        "max_concurrency": best["concurrency"],
+        "best": best,
+    }
     ceiling = run.results.get("raw", {}).get("ceiling")
     if ceiling:
         out["ratio_to_raw"] = best["allocations_per_s"] / ceiling
@@ -205,8 +296,14 @@ def run_latency(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
         rates.append(round(0.8 * e2e_max))
     duration = a.latency_duration or a.duration
     # The floor: one request at a time, nothing else in flight.
-    one = e2e.closed_loop(cluster.url, cluster.namespace, concurrency=1, processes=1,
-                          duration_s=min(duration, 3.0), tag="solo")
+    one = e2e.closed_loop(
+        cluster.url,
+        cluster.namespace,
+        concurrency=1,
+        processes=1,
+        duration_s=min(duration, 3.0),
+        tag="solo",
+    )
     run.requests_sent += _requests_of(one)
     solo = Quantiles.of(one.alloc_latency_s)
     _progress(f"latency, one at a time: p50 {_ms(solo.p50)} p99 {_ms(solo.p99)}")
@@ -216,23 +313,46 @@ def run_latency(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
         hist0 = anyio.run(scenarios.request_histogram, workers, "allocate")
         load = os.getloadavg()[0]
         with CpuMeter(r, workers) as cpu:
-            res = e2e.open_loop(cluster.url, cluster.namespace, rate=rate,
-                                processes=a.client_procs, duration_s=duration, tag=f"o{int(rate)}")
+            res = e2e.open_loop(
+                cluster.url,
+                cluster.namespace,
+                rate=rate,
+                processes=a.client_procs,
+                duration_s=duration,
+                tag=f"o{int(rate)}",
+            )
         hist1 = anyio.run(scenarios.request_histogram, workers, "allocate")
         run.requests_sent += _requests_of(res)
         q = Quantiles.of(res.alloc_latency_s)
-        server = {f"server_{name}_le_s": scenarios.histogram_quantile(hist0, hist1, x)
-                  for name, x in (("p50", 0.5), ("p99", 0.99))}
-        rows.append({"rate": rate, "achieved_per_s": res.rate, "n": q.n, "p50_s": q.p50,
-                     "p99_s": q.p99, "p999_s": q.p999, "max_s": q.max,
-                     "generator_late_max_s": res.lateness_max_s, "rejected": res.rejected,
-                     "errors": res.errors, "of_max": rate / e2e_max if e2e_max else None,
-                     "loadavg_1m_before": load, **server,
-                     **cpu.per_pair_us(res.all_pairs, res.cpu_s)})
-        _progress(f"latency at {rate:,.0f}/s: p50 {_ms(q.p50)} p99 {_ms(q.p99)} "
-                  f"p99.9 {_ms(q.p999)}")
-    run.results["latency"] = {"runs": rows, "one_at_a_time": {
-        "n": solo.n, "p50_s": solo.p50, "p99_s": solo.p99, "p999_s": solo.p999}}
+        server = {
+            f"server_{name}_le_s": scenarios.histogram_quantile(hist0, hist1, x)
+            for name, x in (("p50", 0.5), ("p99", 0.99))
+        }
+        rows.append(
+            {
+                "rate": rate,
+                "achieved_per_s": res.rate,
+                "n": q.n,
+                "p50_s": q.p50,
+                "p99_s": q.p99,
+                "p999_s": q.p999,
+                "max_s": q.max,
+                "generator_late_max_s": res.lateness_max_s,
+                "rejected": res.rejected,
+                "errors": res.errors,
+                "of_max": rate / e2e_max if e2e_max else None,
+                "loadavg_1m_before": load,
+                **server,
+                **cpu.per_pair_us(res.all_pairs, res.cpu_s),
+            }
+        )
+        _progress(
+            f"latency at {rate:,.0f}/s: p50 {_ms(q.p50)} p99 {_ms(q.p99)} p99.9 {_ms(q.p999)}"
+        )
+    run.results["latency"] = {
+        "runs": rows,
+        "one_at_a_time": {"n": solo.n, "p50_s": solo.p50, "p99_s": solo.p99, "p999_s": solo.p999},
+    }
 
 
 def run_propagation(run: Run, cluster: Cluster) -> None:
@@ -248,16 +368,23 @@ def run_memory(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
     if left > 0:
         rate = run.results.get("e2e", {}).get("max") or 0.0
         conc = run.results.get("e2e", {}).get("max_concurrency") or 256
-        _progress(f"memory: sending {left:,} more requests"
-                  + (f" (~{left / 2 / rate:,.0f} s)" if rate else ""))
+        _progress(
+            f"memory: sending {left:,} more requests"
+            + (f" (~{left / 2 / rate:,.0f} s)" if rate else "")
+        )
         # Closed loop in chunks until the total is reached (2 requests per pair).
         with Sampler(cluster) as sampler:
             chunk = 0
             while left > 0:
                 duration = min(30.0, max(1.0, left / 2 / rate)) if rate else 3.0
-                res = e2e.closed_loop(cluster.url, cluster.namespace, concurrency=conc,
-                                      processes=a.client_procs, duration_s=duration,
-                                      tag=f"m{chunk}")
+                res = e2e.closed_loop(
+                    cluster.url,
+                    cluster.namespace,
+                    concurrency=conc,
+                    processes=a.client_procs,
+                    duration_s=duration,
+                    tag=f"m{chunk}",
+                )
                 done = _requests_of(res)
                 run.requests_sent += done
                 left -= done
@@ -278,8 +405,10 @@ def run_memory(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
     if samples:
         out["during_load_max"] = {k: max(x[k] for x in samples) for k in samples[0] if k != "t_s"}
     run.results["memory"] = out
-    _progress(f"memory after {run.requests_sent:,} requests: worker RSS max "
-              f"{out['worker_rss_max_mb']:.1f} MB, Redis {out['redis_used_memory_mb']:.1f} MB")
+    _progress(
+        f"memory after {run.requests_sent:,} requests: worker RSS max "
+        f"{out['worker_rss_max_mb']:.1f} MB, Redis {out['redis_used_memory_mb']:.1f} MB"
+    )
 
 
 def run_failover(run: Run, cluster: Cluster) -> None:
@@ -291,8 +420,12 @@ def run_failover(run: Run, cluster: Cluster) -> None:
             await client.aclose()
 
     res = anyio.run(go)
-    run.results["failover"] = {"lease_s": res.lease_s, "serving_s": res.serving_s,
-                               "old_token": res.old_token, "new_token": res.new_token}
+    run.results["failover"] = {
+        "lease_s": res.lease_s,
+        "serving_s": res.serving_s,
+        "old_token": res.old_token,
+        "new_token": res.new_token,
+    }
     _progress(f"failover: new leader serving after {res.serving_s:.2f} s")
 
 
@@ -305,18 +438,25 @@ def main(args: argparse.Namespace) -> int:
     parts = tuple(p.strip() for p in args.only.split(",") if p.strip())
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
-        print(f"tierpool bench: unknown part(s) {', '.join(unknown)}; of {', '.join(PARTS)}",
-              file=sys.stderr)
+        print(
+            f"tierpool bench: unknown part(s) {', '.join(unknown)}; of {', '.join(PARTS)}",
+            file=sys.stderr,
+        )
         return 2
     if "failover" in parts and args.workers < 2:
         print("tierpool bench: failover needs --workers 2 or more", file=sys.stderr)
         return 2
     run = Run(args, parts)
     run.results["meta"] = {
-        "date": date.today().isoformat(), "cpus": os.cpu_count(),
-        "python": platform.python_version(), "platform": platform.platform(),
-        "workers": args.workers, "pods": args.pods, "tiers": args.tiers,
-        "duration_s": args.duration, "parts": list(parts),
+        "date": date.today().isoformat(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "workers": args.workers,
+        "pods": args.pods,
+        "tiers": args.tiers,
+        "duration_s": args.duration,
+        "parts": list(parts),
         "loadavg_1m_at_start": os.getloadavg()[0],
     }
     t0 = time.monotonic()
@@ -342,7 +482,7 @@ def main(args: argparse.Namespace) -> int:
         finally:
             r.close()
     run.results["meta"]["wall_s"] = time.monotonic() - t0
-    from bench.report import render_table
+    from tierpool.bench.report import render_table
 
     print(render_table(run.results, TARGETS))
     if args.json:
@@ -360,8 +500,9 @@ def _start_workers(run: Run, cluster: Cluster) -> None:
     async def go() -> None:
         client = connect(cluster.url)
         try:
-            await setup_namespace(client, bench_settings(cluster.url, cluster.namespace),
-                                  a.tiers, a.pods)
+            await setup_namespace(
+                client, bench_settings(cluster.url, cluster.namespace), a.tiers, a.pods
+            )
             await cluster.start_workers(client, a.workers)
         finally:
             await client.aclose()
@@ -389,6 +530,6 @@ def _progress(text: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m bench.run")
+    parser = argparse.ArgumentParser(prog="tierpool bench")
     add_arguments(parser, "bench")
     sys.exit(main(parser.parse_args()))

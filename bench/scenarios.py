@@ -26,9 +26,9 @@ import anyio
 import orjson
 from redis.asyncio import Redis
 
-from bench.cluster import BenchError, Cluster, WorkerProcess
-from bench.common import Quantiles, tier_config
-from core.client import TierpoolClient
+from tierpool.bench.cluster import BenchError, Cluster, WorkerProcess
+from tierpool.bench.common import Quantiles, tier_config
+from tierpool.client.client import TierpoolClient
 
 POLL_S = 0.002
 PROPAGATION_TIMEOUT_S = 10.0
@@ -44,9 +44,16 @@ class Propagation:
 
     def summary(self) -> dict[str, Any]:
         g, i = Quantiles.of(self.gauge_s), Quantiles.of(self.installed_s)
-        return {"changes": len(self.gauge_s), "timeouts": self.timeouts,
-                "gauge_p50_s": g.p50, "gauge_p99_s": g.p99, "gauge_max_s": g.max,
-                "installed_p50_s": i.p50, "installed_p99_s": i.p99, "installed_max_s": i.max}
+        return {
+            "changes": len(self.gauge_s),
+            "timeouts": self.timeouts,
+            "gauge_p50_s": g.p50,
+            "gauge_p99_s": g.p99,
+            "gauge_max_s": g.max,
+            "installed_p50_s": i.p50,
+            "installed_p99_s": i.p99,
+            "installed_max_s": i.max,
+        }
 
 
 async def _gauge_version(w: WorkerProcess) -> int:
@@ -133,8 +140,9 @@ async def request_histogram(workers: list[WorkerProcess], kind: str) -> dict[flo
     return out
 
 
-def histogram_quantile(before: dict[float, float], after: dict[float, float],
-                       q: float) -> float | None:
+def histogram_quantile(
+    before: dict[float, float], after: dict[float, float], q: float
+) -> float | None:
     """The upper bound of the bucket holding quantile ``q`` of what happened in between."""
     bounds = sorted(after)
     if not bounds:

@@ -46,11 +46,11 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, WatchError
 
-from core.errors import TierConfigError
-from core.keys import Keys
-from core.settings import Settings
-from core.snapshot import ConfigSnapshot, read_snapshot
-from core.tierconfig import TierConfig, to_json
+from tierpool.core.errors import TierConfigError
+from tierpool.core.keys import Keys
+from tierpool.core.settings import Settings
+from tierpool.core.snapshot import ConfigSnapshot, read_snapshot
+from tierpool.core.tierconfig import TierConfig, to_json
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,10 @@ def describe(snap: ConfigSnapshot) -> str:
     """A snapshot for logs. Policies are re-encoded from their schema, never copied
     from Redis, so nothing but ``MerchantPolicy``'s four fields is ever printed."""
     policies = {m: msgspec.json.decode(msgspec.json.encode(p)) for m, p in snap.merchants.items()}
-    return (f"config version {snap.version} (pools {', '.join(snap.config.pools)}), "
-            f"merchants version {snap.merchants_version} {policies}")
+    return (
+        f"config version {snap.version} (pools {', '.join(snap.config.pools)}), "
+        f"merchants version {snap.merchants_version} {policies}"
+    )
 
 
 def _older(new: ConfigSnapshot, held: ConfigSnapshot) -> str | None:
@@ -120,8 +122,10 @@ def _older(new: ConfigSnapshot, held: ConfigSnapshot) -> str | None:
     if new.config != held.config:
         return f"Redis holds other content under config version {new.version}"
     if new.merchants_version < held.merchants_version:
-        return (f"Redis holds merchants version {new.merchants_version}, "
-                f"older than {held.merchants_version}")
+        return (
+            f"Redis holds merchants version {new.merchants_version}, "
+            f"older than {held.merchants_version}"
+        )
     if new.merchants_version == held.merchants_version and new.merchants != held.merchants:
         return f"Redis holds other policies under merchants version {new.merchants_version}"
     return None
@@ -137,8 +141,13 @@ class ConfigCache:
     """
 
     def __init__(
-        self, redis: Redis, keys: Keys, settings: Settings, *,
-        health: ReadinessFlags | None = None, ping_interval_s: float = PING_INTERVAL_S,
+        self,
+        redis: Redis,
+        keys: Keys,
+        settings: Settings,
+        *,
+        health: ReadinessFlags | None = None,
+        ping_interval_s: float = PING_INTERVAL_S,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -228,8 +237,10 @@ class ConfigCache:
             log.info("tier config bootstrapped from TIER_CONFIG as version %d", max(after + 1, 1))
         snap = await read_snapshot(self.redis, self.keys, self._env)
         if snap is None:
-            raise ValueError(f"{self.keys.config} is missing but {self.keys.config_version} "
-                             "is set: not bootstrapping over a half-written config")
+            raise ValueError(
+                f"{self.keys.config} is missing but {self.keys.config_version} "
+                "is set: not bootstrapping over a half-written config"
+            )
         return snap
 
     async def _rebase(self) -> None:
@@ -256,9 +267,16 @@ class ConfigCache:
                 mv = max(now.merchants_version, held.merchants_version) + 1
                 pipe.set(k.merchants_version, mv)
                 pipe.publish(k.config_changed, f"merchants:{mv}")
-            pipe.xadd(k.events, {"event": "config_rebased", "config_version": str(now.version),
-                                 "merchants_version": str(now.merchants_version)},
-                      maxlen=self.settings.events_maxlen, approximate=True)
+            pipe.xadd(
+                k.events,
+                {
+                    "event": "config_rebased",
+                    "config_version": str(now.version),
+                    "merchants_version": str(now.merchants_version),
+                },
+                maxlen=self.settings.events_maxlen,
+                approximate=True,
+            )
             with suppress(WatchError):
                 await pipe.execute()
                 log.warning("config versions moved past the ones this worker held")
@@ -268,7 +286,9 @@ class ConfigCache:
         self._flag("config_loaded", True)
         old, first = self._snap, not self._loaded
         if not first and (old.version, old.merchants_version) == (
-                snap.version, snap.merchants_version):
+            snap.version,
+            snap.merchants_version,
+        ):
             return  # same content: keep the object (PoolState caches per config object)
         self._snap, self._loaded = snap, True
         log.info("serving %s", describe(snap))
@@ -399,4 +419,3 @@ class ConfigCache:
     def _flag(self, name: str, value: bool) -> None:
         if self.health is not None:
             setattr(self.health, name, value)
-

@@ -45,8 +45,6 @@ class InvalidMessage(TierpoolError):
         super().__init__(error)
 
 
-
-
 class RedisUnavailable(TierpoolError):
     """Raised when Redis cannot be reached after the retries a caller allows."""
 

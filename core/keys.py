@@ -41,9 +41,7 @@ class Keys:
 
     def __post_init__(self) -> None:
         if not valid_namespace(self.namespace):
-            raise ValueError(
-                f"namespace {self.namespace!r} must be 1-64 chars of [A-Za-z0-9._:-]"
-            )
+            raise ValueError(f"namespace {self.namespace!r} must be 1-64 chars of [A-Za-z0-9._:-]")
 
     @cached_property
     def prefix(self) -> str:

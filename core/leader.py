@@ -33,9 +33,9 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from core.clock import monotonic_s
-from core.keys import Keys
-from core.scripts import Call, run_one, script
+from tierpool.core.clock import monotonic_s
+from tierpool.core.keys import Keys
+from tierpool.core.scripts import Call, run_one, script
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,11 @@ class Election:
     # --- one step each (tests call these directly) -------------------------------
     async def try_acquire(self) -> str | None:
         """Take the lease if it is free: our new token, or None (someone holds it)."""
-        call = Call(script("leader_acquire"), (self.keys.leader, self.keys.leader_term),
-                    (self.holder_id, self.lease_ms))
+        call = Call(
+            script("leader_acquire"),
+            (self.keys.leader, self.keys.leader_term),
+            (self.holder_id, self.lease_ms),
+        )
         result = await run_one(self.redis, call)
         assert isinstance(result, list)
         return str(result[1]) if int(result[0]) == 1 else None
@@ -133,8 +136,9 @@ class Election:
         return await run_one(self.redis, call) == 1
 
     # --- the loop -----------------------------------------------------------------
-    async def run(self, lead: Lead, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(
+        self, lead: Lead, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Campaign forever; run ``lead`` during every term won. Returns only by cancellation."""
         task_status.started()
         while True:
@@ -206,8 +210,11 @@ class Election:
                 term.step_down("lease lapsed while a renewal was in flight")
                 return
             except Exception as exc:  # Redis down or slow: retry until the deadline
-                log.warning("leader: renewal failed (%.2fs of lease left): %s",
-                            deadline - monotonic_s(), exc)
+                log.warning(
+                    "leader: renewal failed (%.2fs of lease left): %s",
+                    deadline - monotonic_s(),
+                    exc,
+                )
                 continue
             if not ours:
                 term.step_down("lease is no longer ours")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.snapshot import ConfigSnapshot, dedicated_pools
-from core.tierconfig import pod_may_join
-from schemas import AllocateRequest
+from tierpool.core.snapshot import ConfigSnapshot, dedicated_pools
+from tierpool.core.tierconfig import pod_may_join
+from tierpool.schemas import AllocateRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,8 +21,11 @@ class Reason:
     suggested_action: str
 
     def as_dict(self) -> dict[str, str]:
-        return {"filter": self.filter, "detail": self.detail,
-                "suggested_action": self.suggested_action}
+        return {
+            "filter": self.filter,
+            "detail": self.detail,
+            "suggested_action": self.suggested_action,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,26 +80,37 @@ def place(req: AllocateRequest, snap: ConfigSnapshot) -> Placement:
         seen.add(name)
         tier = cfg.get(name)
         if tier is None:
-            excluded.append(Reason("config", f"pool {name} is not configured",
-                                   f"add tier {name} to the tier config or fix the chain"))
+            excluded.append(
+                Reason(
+                    "config",
+                    f"pool {name} is not configured",
+                    f"add tier {name} to the tier config or fix the chain",
+                )
+            )
             continue
         if name in dedicated and owners.get(name) != req.merchant_id:
             if position >= widen_from:
                 continue  # flexible mode never widens into a dedicated pool: not a reason
             owner = owners.get(name)
-            excluded.append(Reason(
-                "merchant",
-                f"pool {name} is dedicated to "
-                + (f"merchant {owner}" if owner else "a merchant pool no merchant owns"),
-                "remove it from the chain, or set this merchant's policy pool to it"))
+            excluded.append(
+                Reason(
+                    "merchant",
+                    f"pool {name} is dedicated to "
+                    + (f"merchant {owner}" if owner else "a merchant pool no merchant owns"),
+                    "remove it from the chain, or set this merchant's policy pool to it",
+                )
+            )
             continue
         if tier.capability < min_cap:
             if position >= widen_from:
                 continue
-            excluded.append(Reason(
-                "capability",
-                f"pool {name} has capability {tier.capability} < required {min_cap}",
-                f"use tier_mode=flexible or add a pool of capability >= {min_cap}"))
+            excluded.append(
+                Reason(
+                    "capability",
+                    f"pool {name} has capability {tier.capability} < required {min_cap}",
+                    f"use tier_mode=flexible or add a pool of capability >= {min_cap}",
+                )
+            )
             continue
         candidates.append(name)
     return Placement(tuple(candidates), zone, tuple(excluded))
@@ -114,10 +128,16 @@ def join_candidates(
     cfg = snap.config
     dedicated = sorted(dedicated_pools(cfg))
     ordered = [*dedicated, *cfg.default_chain]
-    cands = [(name, cfg.tier(name).target) for name in ordered
-             if pod_may_join(cfg.tier(name), zone, capability)]  # type: ignore[arg-type]
-    chain_ok = [n for n in cfg.default_chain
-                if pod_may_join(cfg.tier(n), zone, capability)]  # type: ignore[arg-type]
+    cands = [
+        (name, cfg.tier(name).target)
+        for name in ordered
+        if pod_may_join(cfg.tier(name), zone, capability)  # type: ignore[arg-type]
+    ]
+    chain_ok = [
+        n
+        for n in cfg.default_chain
+        if pod_may_join(cfg.tier(n), zone, capability)  # type: ignore[arg-type]
+    ]
     return cands, (chain_ok[-1] if chain_ok else "")
 
 

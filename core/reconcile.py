@@ -25,13 +25,13 @@ from typing import Literal
 import orjson
 from redis.asyncio import Redis
 
-from core.clock import redis_time_ms
-from core.keys import Keys
-from core.placement import join_candidates
-from core.scripts import run_calls, run_one
-from core.snapshot import ConfigSnapshot, dedicated_pools
-from core.state import PoolState
-from core.tierconfig import Zone, pod_may_join
+from tierpool.core.clock import redis_time_ms
+from tierpool.core.keys import Keys
+from tierpool.core.placement import join_candidates
+from tierpool.core.scripts import run_calls, run_one
+from tierpool.core.snapshot import ConfigSnapshot, dedicated_pools
+from tierpool.core.state import PoolState
+from tierpool.core.tierconfig import Zone, pod_may_join
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,9 @@ class PoolView:
     now_ms: int
 
 
-async def read_view(redis: Redis, keys: Keys, pod_ttl_ms: int,
-                    now_ms: int | None = None) -> PoolView:
+async def read_view(
+    redis: Redis, keys: Keys, pod_ttl_ms: int, now_ms: int | None = None
+) -> PoolView:
     """Read pod state in one MULTI (consistent). Raises on any Redis error."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.time()
@@ -89,10 +90,14 @@ async def read_view(redis: Redis, keys: Keys, pod_ttl_ms: int,
     last_seen = {pod: int(score) for pod, score in seen}
     pods = {
         pod: PodView(
-            pod=pod, pool=pool, load=int(loads.get(pod) or 0),
+            pod=pod,
+            pool=pool,
+            load=int(loads.get(pod) or 0),
             zone="restricted" if zones.get(pod) == "restricted" else "open",
-            capability=int(caps.get(pod) or 1), draining=pod in marked,
-            alive=last_seen.get(pod, -pod_ttl_ms - 1) + pod_ttl_ms >= now_ms)
+            capability=int(caps.get(pod) or 1),
+            draining=pod in marked,
+            alive=last_seen.get(pod, -pod_ttl_ms - 1) + pod_ttl_ms >= now_ms,
+        )
         for pod, pool in pools.items()
     }
     return PoolView(pods, {p: int(n) for p, n in counts.items()}, now_ms)
@@ -145,8 +150,14 @@ def plan(view: PoolView, snap: ConfigSnapshot) -> list[Move]:
             movable = idle[src]
             while delta[src] > 0 and movable:
                 pod = movable.pop(0)
-                dest = next((d for d in dests if delta[d] < 0
-                             and pod_may_join(cfg.tier(d), pod.zone, pod.capability)), None)
+                dest = next(
+                    (
+                        d
+                        for d in dests
+                        if delta[d] < 0 and pod_may_join(cfg.tier(d), pod.zone, pod.capability)
+                    ),
+                    None,
+                )
                 if dest is None:
                     continue  # this pod fits no pool in need; another one may
                 moves.append(Move(pod.pod, src, dest, "rebalance"))
@@ -176,14 +187,21 @@ class ReconcileResult:
     """Pools whose stored count differs from their pods: pool -> (stored, counted)."""
 
 
-async def apply_moves(state: PoolState, snap: ConfigSnapshot, token: str,
-                      moves: Sequence[Move], now_ms: int | None = None) -> ReconcileResult:
+async def apply_moves(
+    state: PoolState,
+    snap: ConfigSnapshot,
+    token: str,
+    moves: Sequence[Move],
+    now_ms: int | None = None,
+) -> ReconcileResult:
     """Send every move as one fenced ``move.lua`` call, all in one pipeline."""
     result = ReconcileResult(planned=list(moves))
     if not moves:
         return result
-    calls = [state.leader_call("move", snap, (token, m.pod, m.source, m.dest, m.reason),
-                               now_ms=now_ms) for m in moves]
+    calls = [
+        state.leader_call("move", snap, (token, m.pod, m.source, m.dest, m.reason), now_ms=now_ms)
+        for m in moves
+    ]
     for move, answer in zip(moves, await run_calls(state.redis, calls), strict=True):
         if isinstance(answer, BaseException) or not isinstance(answer, list) or not answer:
             result.errors.append((move, str(answer)))
@@ -212,8 +230,10 @@ async def reconcile(state: PoolState, token: str, now_ms: int | None = None) -> 
         result = await apply_moves(state, snap, token, plan(view, snap), now_ms)
         counted = Counter(p.pool for p in view.pods.values() if p.pool)
         result.count_drift = {
-            p: (view.counts.get(p, 0), counted.get(p, 0)) for p in {*view.counts, *counted}
-            if view.counts.get(p, 0) != counted.get(p, 0)}
+            p: (view.counts.get(p, 0), counted.get(p, 0))
+            for p in {*view.counts, *counted}
+            if view.counts.get(p, 0) != counted.get(p, 0)
+        }
         if result.status != "stale" or attempt == STALE_TRIES - 1:
             break
         await state.source.refresh()
@@ -233,8 +253,9 @@ class ReapResult:
     batches: int = 0
 
 
-async def reap(state: PoolState, token: str, *, batch: int = REAP_BATCH,
-               now_ms: int | None = None) -> ReapResult:
+async def reap(
+    state: PoolState, token: str, *, batch: int = REAP_BATCH, now_ms: int | None = None
+) -> ReapResult:
     """Run ``reap.lua`` in batches until one comes back short.
 
     Each batch is one atomic, fenced script reading the lease, liveness and
@@ -276,8 +297,7 @@ class GaugesResult:
     gauges: dict[str, object] = field(default_factory=dict)
 
 
-async def publish_gauges(state: PoolState, token: str,
-                         now_ms: int | None = None) -> GaugesResult:
+async def publish_gauges(state: PoolState, token: str, now_ms: int | None = None) -> GaugesResult:
     """Compute the pool gauges in Redis (``gauges.lua``) into ``tp:{NS}:gauges``.
 
     Pool targets are not stored: they are config, which every replica's
@@ -285,8 +305,9 @@ async def publish_gauges(state: PoolState, token: str,
     """
     snap = state.source.current()
     for attempt in range(STALE_TRIES):
-        call = state.leader_call("gauges", snap, (token,), extra_keys=(state.keys.gauges,),
-                                 now_ms=now_ms)
+        call = state.leader_call(
+            "gauges", snap, (token,), extra_keys=(state.keys.gauges,), now_ms=now_ms
+        )
         answer = await run_one(state.redis, call)
         assert isinstance(answer, list)
         status = str(answer[0])

@@ -98,7 +98,8 @@ async def _round_trip(pool: ConnectionPool, commands: list[Any]) -> list[Any]:
     conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
         answers: list[Any] = await conn.retry.call_with_retry(
-            lambda: _exchange(conn, commands), lambda _error: conn.disconnect())
+            lambda: _exchange(conn, commands), lambda _error: conn.disconnect()
+        )
         return answers
     finally:
         await pool.release(conn)
@@ -109,9 +110,15 @@ class _ScriptPipeline(Pipeline):
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         stack = self.command_stack
-        if (self.is_transaction or self.explicit_transaction or self.watching or self.scripts
-                or self.connection is not None or not stack
-                or any(args[0] != "EVALSHA" for args, _ in stack)):
+        if (
+            self.is_transaction
+            or self.explicit_transaction
+            or self.watching
+            or self.scripts
+            or self.connection is not None
+            or not stack
+            or any(args[0] != "EVALSHA" for args, _ in stack)
+        ):
             answers: list[Any] = await super().execute(raise_on_error)
             return answers
         try:
@@ -125,8 +132,9 @@ class _ScriptPipeline(Pipeline):
 
 class _Redis(Redis):
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
-        return _ScriptPipeline(self.connection_pool, self.response_callbacks, transaction,
-                               shard_hint)
+        return _ScriptPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
 
 
 def connect(url: str, *, client_name: str | None = None, max_connections: int = 64) -> Redis:

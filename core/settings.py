@@ -27,10 +27,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from core.durations import format_duration, parse_duration_ns
-from core.errors import SettingsError, TierConfigError
-from core.keys import valid_namespace
-from core.tierconfig import TierConfig, parse_tier_config
+from tierpool.core.durations import format_duration, parse_duration_ns
+from tierpool.core.errors import SettingsError, TierConfigError
+from tierpool.core.keys import valid_namespace
+from tierpool.core.tierconfig import TierConfig, parse_tier_config
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "console"]

@@ -16,9 +16,9 @@ from typing import Protocol
 import msgspec
 from redis.asyncio import Redis
 
-from core.keys import Keys
-from core.tierconfig import TierConfig, parse_tier_config
-from schemas import MerchantPolicy
+from tierpool.core.keys import Keys
+from tierpool.core.tierconfig import TierConfig, parse_tier_config
+from tierpool.schemas import MerchantPolicy
 
 _policy_decoder = msgspec.json.Decoder(MerchantPolicy)
 
@@ -28,9 +28,7 @@ class ConfigSnapshot:
     """Tier config + merchant policies, each with the version it was read at."""
 
     config: TierConfig
-    merchants: Mapping[str, MerchantPolicy] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    merchants: Mapping[str, MerchantPolicy] = field(default_factory=lambda: MappingProxyType({}))
     merchants_version: int = 0
 
     @property

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 import orjson
 from redis.asyncio import Redis
 
-from core import placement
-from core.errors import TierConfigError
-from core.keys import Keys
-from core.scripts import Call, run_calls, script
-from core.settings import Settings
-from core.snapshot import ConfigSnapshot, SnapshotSource, dedicated_pools
-from core.tierconfig import TierConfig, parse_tier_config, to_json
-from schemas import (
+from tierpool.core import placement
+from tierpool.core.errors import TierConfigError
+from tierpool.core.keys import Keys
+from tierpool.core.scripts import Call, run_calls, script
+from tierpool.core.settings import Settings
+from tierpool.core.snapshot import ConfigSnapshot, SnapshotSource, dedicated_pools
+from tierpool.core.tierconfig import TierConfig, parse_tier_config, to_json
+from tierpool.schemas import (
     AllocateRequest,
     ConfigRequest,
     DrainRequest,
@@ -37,8 +37,13 @@ from schemas import (
 log = logging.getLogger(__name__)
 
 Message = (
-    AllocateRequest | ReleaseRequest | DrainRequest | ConfigRequest
-    | PodRegister | PodHeartbeat | PodDeregister
+    AllocateRequest
+    | ReleaseRequest
+    | DrainRequest
+    | ConfigRequest
+    | PodRegister
+    | PodHeartbeat
+    | PodDeregister
 )
 
 STALE_RETRIES = 3
@@ -76,7 +81,6 @@ class _Origin:
     now_ms: int | None
 
 
-
 @dataclass(frozen=True, slots=True)
 class _PoolTable:
     keys: tuple[str, ...]
@@ -95,13 +99,25 @@ class PoolState:
         self.source = source
         k = keys
         self._state_keys = (
-            k.pod_pool, k.pod_endpoint, k.pod_zone, k.pod_capability, k.pod_labels,
-            k.pod_load, k.pod_calls, k.pod_seen, k.pod_draining, k.pool_count,
-            k.calls, k.leases, k.leader,
+            k.pod_pool,
+            k.pod_endpoint,
+            k.pod_zone,
+            k.pod_capability,
+            k.pod_labels,
+            k.pod_load,
+            k.pod_calls,
+            k.pod_seen,
+            k.pod_draining,
+            k.pool_count,
+            k.calls,
+            k.leases,
+            k.leader,
         )
         s = settings
         self._ttl_args = (
-            str(s.pod_ttl_ms), str(s.lease_ttl_ms), str(s.draining_ttl_ms),
+            str(s.pod_ttl_ms),
+            str(s.lease_ttl_ms),
+            str(s.draining_ttl_ms),
         )
         self._tables: dict[tuple[int, int, int], _PoolTable] = {}
 
@@ -138,8 +154,14 @@ class PoolState:
         stream = entry.stream if entry else self.keys.events
         reply = self.keys.reply(request_id) if request_id else self.keys.reply("-")
         keys = (
-            stream, reply, self.keys.events, self.keys.config_version,
-            self.keys.merchants_version, *self._state_keys, *table.keys, *extra_keys,
+            stream,
+            reply,
+            self.keys.events,
+            self.keys.config_version,
+            self.keys.merchants_version,
+            *self._state_keys,
+            *table.keys,
+            *extra_keys,
         )
         header = (
             "" if origin.now_ms is None else str(origin.now_ms),
@@ -155,7 +177,10 @@ class PoolState:
         return Call(script(name), keys, (*header, *table.args, *args))
 
     def prepare(
-        self, msg: Message, snap: ConfigSnapshot, entry: Entry | None = None,
+        self,
+        msg: Message,
+        snap: ConfigSnapshot,
+        entry: Entry | None = None,
         now_ms: int | None = None,
     ) -> Call | Outcome:
         """The script call for one message, or an ``invalid`` Outcome when the
@@ -165,11 +190,25 @@ class PoolState:
         if isinstance(msg, AllocateRequest):
             plan = placement.place(msg, snap)
             prefix, suffix = placement.session_url_parts(
-                self.settings.voice_agent_base_url, msg.provider, msg.flow, msg.template)
+                self.settings.voice_agent_base_url, msg.provider, msg.flow, msg.template
+            )
             reasons = orjson.dumps([r.as_dict() for r in plan.excluded]).decode()
-            return self._call("allocate", snap, common, (
-                msg.call_id, msg.merchant_id or "", plan.zone, prefix, suffix, reasons,
-                str(len(plan.candidates)), *plan.candidates), guard_merchants=True)
+            return self._call(
+                "allocate",
+                snap,
+                common,
+                (
+                    msg.call_id,
+                    msg.merchant_id or "",
+                    plan.zone,
+                    prefix,
+                    suffix,
+                    reasons,
+                    str(len(plan.candidates)),
+                    *plan.candidates,
+                ),
+                guard_merchants=True,
+            )
         if isinstance(msg, ReleaseRequest):
             return self._call("release", snap, common, (msg.call_id, msg.reason or ""))
         if isinstance(msg, DrainRequest):
@@ -177,13 +216,29 @@ class PoolState:
         if isinstance(msg, PodRegister):
             cands, fallback = placement.join_candidates(snap, msg.zone, msg.capability)
             flat = [x for name, target in cands for x in (name, str(target))]
-            return self._call("register", snap, common, (
-                msg.pod_id, msg.endpoint, msg.zone, str(msg.capability),
-                orjson.dumps(dict(msg.labels)).decode(), fallback, str(len(cands)), *flat))
+            return self._call(
+                "register",
+                snap,
+                common,
+                (
+                    msg.pod_id,
+                    msg.endpoint,
+                    msg.zone,
+                    str(msg.capability),
+                    orjson.dumps(dict(msg.labels)).decode(),
+                    fallback,
+                    str(len(cands)),
+                    *flat,
+                ),
+            )
         if isinstance(msg, PodHeartbeat):
             calls = msg.calls
-            return self._call("heartbeat", snap, common, (
-                msg.pod_id, "0" if calls is None else "1", *(calls or ())))
+            return self._call(
+                "heartbeat",
+                snap,
+                common,
+                (msg.pod_id, "0" if calls is None else "1", *(calls or ())),
+            )
         if isinstance(msg, PodDeregister):
             return self._call("deregister", snap, common, (msg.pod_id,))
         if isinstance(msg, ConfigRequest):
@@ -201,15 +256,25 @@ class PoolState:
                 if problems:
                     return Outcome("invalid", {"error": "; ".join(problems)})
                 policy_json = orjson.dumps(
-                    {k: v for k, v in (
-                        ("pool", msg.merchant.pool), ("fallback", msg.merchant.fallback),
-                        ("zone", msg.merchant.zone),
-                        ("min_capability", msg.merchant.min_capability)) if v is not None}
+                    {
+                        k: v
+                        for k, v in (
+                            ("pool", msg.merchant.pool),
+                            ("fallback", msg.merchant.fallback),
+                            ("zone", msg.merchant.zone),
+                            ("min_capability", msg.merchant.min_capability),
+                        )
+                        if v is not None
+                    }
                 ).decode()
             return self._call(
-                "merchant_set", snap, common,
+                "merchant_set",
+                snap,
+                common,
                 (msg.merchant_id, policy_json, self.keys.config_changed),
-                guard_merchants=True, extra_keys=(self.keys.merchants,))
+                guard_merchants=True,
+                extra_keys=(self.keys.merchants,),
+            )
         try:
             new = parse_tier_config(msg.config or "", version=cfg.version + 1)
         except TierConfigError as exc:
@@ -219,11 +284,20 @@ class PoolState:
         for name in removed:
             extra += [self.keys.pool_free(name, "open"), self.keys.pool_free(name, "restricted")]
         return self._call(
-            "config_apply", snap, common,
-            ("" if msg.expected_version is None else str(msg.expected_version),
-             to_json(new), str(new.version), self.keys.config_changed,
-             str(len(removed)), *removed),
-            table_config=new, extra_keys=extra)
+            "config_apply",
+            snap,
+            common,
+            (
+                "" if msg.expected_version is None else str(msg.expected_version),
+                to_json(new),
+                str(new.version),
+                self.keys.config_changed,
+                str(len(removed)),
+                *removed,
+            ),
+            table_config=new,
+            extra_keys=extra,
+        )
 
     # --- running ----------------------------------------------------------------
     async def run(
@@ -245,9 +319,13 @@ class PoolState:
                     # Well-formed but inapplicable (a config that fails
                     # validation): reply invalid, dead-letter and ack, atomically.
                     prepared = self.reject_call(
-                        entry=entry, request_id=msg.request_id,
+                        entry=entry,
+                        request_id=msg.request_id,
                         error=prepared.fields.get("error", "invalid"),
-                        fields=encode(msg), now_ms=now_ms, decided_with=snap)
+                        fields=encode(msg),
+                        now_ms=now_ms,
+                        decided_with=snap,
+                    )
                 calls.append(prepared)
                 idx.append(i)
             results = await run_calls(self.redis, calls) if calls else []
@@ -264,15 +342,21 @@ class PoolState:
             todo = stale
         return [o if o is not None else Outcome("stale") for o in out]
 
-    async def apply(self, msg: Message, entry: Entry | None = None,
-                    now_ms: int | None = None) -> Outcome:
+    async def apply(
+        self, msg: Message, entry: Entry | None = None, now_ms: int | None = None
+    ) -> Outcome:
         """One message (tests, the CLI); the same path as a batch of one."""
         (outcome,) = await self.run([(msg, entry)], now_ms)
         return outcome
 
     def leader_call(
-        self, name: str, snap: ConfigSnapshot, args: Sequence[str],
-        *, extra_keys: Sequence[str] = (), now_ms: int | None = None,
+        self,
+        name: str,
+        snap: ConfigSnapshot,
+        args: Sequence[str],
+        *,
+        extra_keys: Sequence[str] = (),
+        now_ms: int | None = None,
     ) -> Call:
         """A call of a leader script (reap, move, gauges) with the fixed layout.
 
@@ -286,8 +370,14 @@ class PoolState:
 
     # --- dead letters -------------------------------------------------------------
     def reject_call(
-        self, *, entry: Entry | None, request_id: str | None, error: str,
-        fields: dict[str, str], deliveries: int = 1, now_ms: int | None = None,
+        self,
+        *,
+        entry: Entry | None,
+        request_id: str | None,
+        error: str,
+        fields: dict[str, str],
+        deliveries: int = 1,
+        now_ms: int | None = None,
         decided_with: ConfigSnapshot | None = None,
     ) -> Call:
         """Dead-letter an entry atomically: ``invalid`` reply, dead entry, XACK.
@@ -296,25 +386,50 @@ class PoolState:
         with (a policy naming an unknown pool); the script answers ``stale``
         instead of rejecting when Redis holds a newer config or policy set.
         """
-        guard = ("", "") if decided_with is None else (
-            str(decided_with.version), str(decided_with.merchants_version))
-        snap_args = ("" if now_ms is None else str(now_ms), entry.entry_id if entry else "",
-                     request_id or "", "", str(self.settings.reply_ttl_ms),
-                     str(self.settings.events_maxlen), *guard, *self._ttl_args, "0")
-        keys = (entry.stream if entry else self.keys.events,
-                self.keys.reply(request_id or "-"), self.keys.events,
-                self.keys.config_version, self.keys.merchants_version, *self._state_keys,
-                self.keys.dead)
+        guard = (
+            ("", "")
+            if decided_with is None
+            else (str(decided_with.version), str(decided_with.merchants_version))
+        )
+        snap_args = (
+            "" if now_ms is None else str(now_ms),
+            entry.entry_id if entry else "",
+            request_id or "",
+            "",
+            str(self.settings.reply_ttl_ms),
+            str(self.settings.events_maxlen),
+            *guard,
+            *self._ttl_args,
+            "0",
+        )
+        keys = (
+            entry.stream if entry else self.keys.events,
+            self.keys.reply(request_id or "-"),
+            self.keys.events,
+            self.keys.config_version,
+            self.keys.merchants_version,
+            *self._state_keys,
+            self.keys.dead,
+        )
         payload = orjson.dumps(fields).decode()
         config_reply = entry is not None and entry.stream == self.keys.request_stream("config")
-        return Call(script("reject"), keys, (*snap_args, error, payload,
-                                             str(self.settings.dead_maxlen), str(deliveries),
-                                             "1" if config_reply else "0"))
+        return Call(
+            script("reject"),
+            keys,
+            (
+                *snap_args,
+                error,
+                payload,
+                str(self.settings.dead_maxlen),
+                str(deliveries),
+                "1" if config_reply else "0",
+            ),
+        )
 
 
 def merchant_policy_problems(merchant_id: str, policy: object, snap: ConfigSnapshot) -> list[str]:
     """Every reason a merchant policy cannot be stored against this snapshot."""
-    from schemas import MerchantPolicy
+    from tierpool.schemas import MerchantPolicy
 
     assert isinstance(policy, MerchantPolicy)
     cfg = snap.config
@@ -327,14 +442,15 @@ def merchant_policy_problems(merchant_id: str, policy: object, snap: ConfigSnaps
             owner = snap.owner_of(policy.pool)
             if owner is not None and owner != merchant_id:
                 problems.append(
-                    f"merchant.pool: pool {policy.pool!r} is dedicated to merchant {owner!r}")
+                    f"merchant.pool: pool {policy.pool!r} is dedicated to merchant {owner!r}"
+                )
     for name in policy.fallback or ():
         if name not in cfg:
             problems.append(f"merchant.fallback: tier {name!r} is not configured")
         elif name in dedicated and snap.owner_of(name) not in (None, merchant_id):
             problems.append(
-                f"merchant.fallback: pool {name!r} is dedicated to merchant "
-                f"{snap.owner_of(name)!r}")
+                f"merchant.fallback: pool {name!r} is dedicated to merchant {snap.owner_of(name)!r}"
+            )
     return problems
 
 
@@ -346,7 +462,8 @@ def _outcome(result: object) -> Outcome:
         return Outcome("error", {"error": f"unexpected script result {result!r}"})
     status = str(result[0])
     if status == "stale":
-        return Outcome("stale", {"config_version": str(result[1]),
-                                 "merchants_version": str(result[2])})
+        return Outcome(
+            "stale", {"config_version": str(result[1]), "merchants_version": str(result[2])}
+        )
     it = iter(result[1:])
     return Outcome(status, {str(k): str(v) for k, v in zip(it, it, strict=True)})

@@ -44,7 +44,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from core.errors import TierConfigError
+from tierpool.core.errors import TierConfigError
 
 TierType = Literal["exclusive", "shared"]
 Zone = Literal["restricted", "open"]

@@ -33,12 +33,12 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from core.errors import TierConfigError
-from core.keys import Keys
-from core.settings import Settings, mask_url
-from core.snapshot import SnapshotSource
-from core.tierconfig import TierConfig, parse_tier_config, to_json
-from schemas import ConfigRequest, encode
+from tierpool.core.errors import TierConfigError
+from tierpool.core.keys import Keys
+from tierpool.core.settings import Settings, mask_url
+from tierpool.core.snapshot import SnapshotSource
+from tierpool.core.tierconfig import TierConfig, parse_tier_config, to_json
+from tierpool.schemas import ConfigRequest, encode
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,15 @@ Fetch = Callable[[str, float], Awaitable[tuple[int, bytes]]]
 ``http.client.HTTPException``) when the upstream cannot be read."""
 
 Outcome = Literal[
-    "applied", "conflict", "rejected", "sent", "unchanged",
-    "unreachable", "bad_status", "invalid", "not_leader",
+    "applied",
+    "conflict",
+    "rejected",
+    "sent",
+    "unchanged",
+    "unreachable",
+    "bad_status",
+    "invalid",
+    "not_leader",
 ]
 FAILED: frozenset[Outcome] = frozenset({"unreachable", "bad_status", "invalid"})
 
@@ -84,7 +91,8 @@ async def default_fetch(url: str, timeout_s: float) -> tuple[int, bytes]:
 
 def _get(url: str, timeout_s: float) -> tuple[int, bytes]:
     request = urllib.request.Request(
-        url, headers={"Accept": "application/json", "User-Agent": "tierpool"})
+        url, headers={"Accept": "application/json", "User-Agent": "tierpool"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return int(response.status), response.read(MAX_BODY_BYTES + 1)
@@ -99,8 +107,13 @@ def same_content(a: TierConfig, b: TierConfig) -> bool:
 
 
 async def check_upstream(
-    redis: Redis, keys: Keys, settings: Settings, cache: SnapshotSource,
-    *, fetch: Fetch = default_fetch, is_leader: Callable[[], bool] = lambda: True,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    cache: SnapshotSource,
+    *,
+    fetch: Fetch = default_fetch,
+    is_leader: Callable[[], bool] = lambda: True,
     reply_timeout_s: float = REPLY_TIMEOUT_S,
 ) -> UpstreamCheck:
     """Fetch the upstream once and, if it differs from the config in force, request it.
@@ -134,10 +147,14 @@ async def check_upstream(
 
     request_id = f"upstream-{await redis.incr(keys.upstream_seq)}"
     message = ConfigRequest(
-        request_id=request_id, config=to_json(new.with_version(0)),
-        expected_version=snap.version)
-    await redis.xadd(keys.request_stream("config"), encode(message),  # type: ignore[arg-type]
-                     maxlen=settings.stream_maxlen, approximate=True)
+        request_id=request_id, config=to_json(new.with_version(0)), expected_version=snap.version
+    )
+    await redis.xadd(
+        keys.request_stream("config"),
+        encode(message),  # type: ignore[arg-type]
+        maxlen=settings.stream_maxlen,
+        approximate=True,
+    )
     return await _await_reply(redis, keys, request_id, reply_timeout_s)
 
 
@@ -146,8 +163,7 @@ async def _await_reply(
 ) -> UpstreamCheck:
     """Read the request's one reply entry, then delete it (as a client does)."""
     reply_key = keys.reply(request_id)
-    found: Any = await redis.xread(
-        {reply_key: "0-0"}, count=1, block=max(1, int(timeout_s * 1000)))
+    found: Any = await redis.xread({reply_key: "0-0"}, count=1, block=max(1, int(timeout_s * 1000)))
     if not found:
         return UpstreamCheck("sent", f"no reply within {timeout_s:g}s", request_id)
     await redis.delete(reply_key)
@@ -156,17 +172,24 @@ async def _await_reply(
     status = fields.get("status", "")
     version = fields.get("config_version")
     outcome: Outcome = (
-        "applied" if status == "applied" else "conflict" if status == "conflict" else "rejected")
+        "applied" if status == "applied" else "conflict" if status == "conflict" else "rejected"
+    )
     detail = fields.get("error", "") if outcome != "applied" else ""
     if outcome == "rejected":
         detail = f"{status}: {detail}"
-    return UpstreamCheck(outcome, detail, request_id,
-                         int(version) if version and version.isdigit() else None)
+    return UpstreamCheck(
+        outcome, detail, request_id, int(version) if version and version.isdigit() else None
+    )
 
 
 async def run_upstream(
-    redis: Redis, keys: Keys, settings: Settings, cache: SnapshotSource,
-    is_leader: Callable[[], bool], *, fetch: Fetch = default_fetch,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    cache: SnapshotSource,
+    is_leader: Callable[[], bool],
+    *,
+    fetch: Fetch = default_fetch,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """While ``is_leader()``, check the upstream once per ``tier_config_ttl_s``.
@@ -185,19 +208,29 @@ async def run_upstream(
     last_problem: str | None = None
     while True:
         if is_leader():
-            ran, problem = await _period(redis, keys, settings, cache, is_leader, fetch,
-                                         ttl_ms, retry_ms)
+            ran, problem = await _period(
+                redis, keys, settings, cache, is_leader, fetch, ttl_ms, retry_ms
+            )
             if ran:
                 if problem is not None and problem != last_problem:
-                    log.warning("upstream tier config %s not applied, keeping the current "
-                                "config: %s", mask_url(url), problem)
+                    log.warning(
+                        "upstream tier config %s not applied, keeping the current config: %s",
+                        mask_url(url),
+                        problem,
+                    )
                 last_problem = problem
         await anyio.sleep(poll_s)
 
 
 async def _period(
-    redis: Redis, keys: Keys, settings: Settings, cache: SnapshotSource,
-    is_leader: Callable[[], bool], fetch: Fetch, ttl_ms: int, retry_ms: int,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    cache: SnapshotSource,
+    is_leader: Callable[[], bool],
+    fetch: Fetch,
+    ttl_ms: int,
+    retry_ms: int,
 ) -> tuple[bool, str | None]:
     """One check when the period is due: (whether it ran, the problem if it failed)."""
     assert settings.tier_config_url is not None
@@ -205,7 +238,8 @@ async def _period(
         if not await redis.set(keys.upstream_lease, "1", nx=True, px=ttl_ms):
             return False, None
         result = await check_upstream(
-            redis, keys, settings, cache, fetch=fetch, is_leader=is_leader)
+            redis, keys, settings, cache, fetch=fetch, is_leader=is_leader
+        )
         if result.outcome == "not_leader":
             await redis.delete(keys.upstream_lease)  # the next leader checks at once
         elif result.outcome in FAILED:
@@ -220,10 +254,19 @@ async def _period(
 def _log_result(url: str, result: UpstreamCheck) -> None:
     where = mask_url(url)
     if result.outcome == "applied":
-        log.info("upstream tier config %s applied as version %s (%s)",
-                 where, result.config_version, result.request_id)
+        log.info(
+            "upstream tier config %s applied as version %s (%s)",
+            where,
+            result.config_version,
+            result.request_id,
+        )
     elif result.outcome == "unchanged":
         log.debug("upstream tier config %s unchanged (version %s)", where, result.config_version)
     else:
-        log.warning("upstream tier config %s: %s %s (%s); trying again next period",
-                    where, result.outcome, result.detail, result.request_id)
+        log.warning(
+            "upstream tier config %s: %s %s (%s); trying again next period",
+            where,
+            result.outcome,
+            result.detail,
+            result.request_id,
+        )

@@ -5,10 +5,16 @@ Import from here; the submodules are an implementation detail:
 ``flat`` the codec, ``messages`` the decode/encode functions.
 """
 
-from schemas.messages import decode_pod_event, decode_reply, decode_request, encode, request_kind
-from schemas.pods import PodDeregister, PodEvent, PodHeartbeat, PodRegister
-from schemas.replies import Reason, Reply, Status
-from schemas.requests import (
+from tierpool.schemas.messages import (
+    decode_pod_event,
+    decode_reply,
+    decode_request,
+    encode,
+    request_kind,
+)
+from tierpool.schemas.pods import PodDeregister, PodEvent, PodHeartbeat, PodRegister
+from tierpool.schemas.replies import Reason, Reply, Status
+from tierpool.schemas.requests import (
     AllocateRequest,
     ConfigRequest,
     DrainRequest,

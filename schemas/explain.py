@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import msgspec
 from msgspec import Meta, Struct
 
-from schemas.fields import IDENT_RE, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
+from tierpool.schemas.fields import IDENT_RE, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
 
 _SHOW_LIMIT = 60
 # Below this many characters an entry cannot exceed either byte limit

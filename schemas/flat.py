@@ -23,8 +23,8 @@ from typing import Any, Generic, Literal, TypeVar, get_origin
 import msgspec
 from msgspec import Struct
 
-from core.errors import InvalidMessage
-from schemas.explain import (
+from tierpool.core.errors import InvalidMessage
+from tierpool.schemas.explain import (
     bad_value,
     describe,
     explain_value,

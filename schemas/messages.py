@@ -14,13 +14,19 @@ from typing import Any
 
 import msgspec
 
-from core.errors import InvalidMessage
-from schemas.explain import bad_value, size_problem, usable_request_id
-from schemas.fields import first_duplicate
-from schemas.flat import FlatCodec
-from schemas.pods import POD_EVENT_TYPES, PodDeregister, PodEvent, PodHeartbeat, PodRegister
-from schemas.replies import Reply
-from schemas.requests import (
+from tierpool.core.errors import InvalidMessage
+from tierpool.schemas.explain import bad_value, size_problem, usable_request_id
+from tierpool.schemas.fields import first_duplicate
+from tierpool.schemas.flat import FlatCodec
+from tierpool.schemas.pods import (
+    POD_EVENT_TYPES,
+    PodDeregister,
+    PodEvent,
+    PodHeartbeat,
+    PodRegister,
+)
+from tierpool.schemas.replies import Reply
+from tierpool.schemas.requests import (
     AllocateRequest,
     ConfigRequest,
     DrainRequest,

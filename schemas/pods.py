@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from msgspec import Struct
 
-from schemas.fields import CallList, Capability, Endpoint, EpochMs, Ident, Labels, PodZone
+from tierpool.schemas.fields import CallList, Capability, Endpoint, EpochMs, Ident, Labels, PodZone
 
 
 class _PodEventBase(Struct, frozen=True, kw_only=True, tag_field="event"):

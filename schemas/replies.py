@@ -11,7 +11,7 @@ from typing import Literal
 
 from msgspec import Struct
 
-from schemas.fields import CallList, EpochMs, Ident, Name, Version
+from tierpool.schemas.fields import CallList, EpochMs, Ident, Name, Version
 
 Status = Literal[
     "allocated",

@@ -11,7 +11,7 @@ from typing import Literal
 
 from msgspec import Struct
 
-from schemas.fields import (
+from tierpool.schemas.fields import (
     Capability,
     ConfigText,
     DrainAction,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from core.redisconn import connect
-from core.redisproc import RedisProcess
+from tierpool.core.redisconn import connect
+from tierpool.workers.redisproc import RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -78,9 +78,18 @@ def env_clean(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """Remove every tierpool-relevant variable from the environment for the test."""
     for name in list(os.environ):
         if name.startswith(("TIERPOOL_", "TIER_CONFIG")) or name in {
-            "REDIS_URL", "LEASE_TTL", "DRAINING_TTL", "CLEANUP_INTERVAL", "RECONCILE_INTERVAL",
-            "CALL_INFO_TTL", "METRICS_PORT", "LOG_LEVEL", "LOG_FORMAT", "VOICE_AGENT_BASE_URL",
-            "POD_TTL", "REPLY_TTL",
+            "REDIS_URL",
+            "LEASE_TTL",
+            "DRAINING_TTL",
+            "CLEANUP_INTERVAL",
+            "RECONCILE_INTERVAL",
+            "CALL_INFO_TTL",
+            "METRICS_PORT",
+            "LOG_LEVEL",
+            "LOG_FORMAT",
+            "VOICE_AGENT_BASE_URL",
+            "POD_TTL",
+            "REPLY_TTL",
         }:
             monkeypatch.delenv(name, raising=False)
     return monkeypatch

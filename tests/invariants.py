@@ -11,14 +11,20 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from core.keys import Keys
-from core.tierconfig import TierConfig
+from tierpool.core.keys import Keys
+from tierpool.core.tierconfig import TierConfig
 
 
 async def read_state(r: Redis, keys: Keys, config: TierConfig) -> dict[str, Any]:
     async with r.pipeline(transaction=True) as pipe:
-        for k in (keys.pod_pool, keys.pod_zone, keys.pod_load, keys.pod_calls, keys.calls,
-                  keys.pool_count):
+        for k in (
+            keys.pod_pool,
+            keys.pod_zone,
+            keys.pod_load,
+            keys.pod_calls,
+            keys.calls,
+            keys.pool_count,
+        ):
             pipe.hgetall(k)
         pipe.zrange(keys.pod_seen, 0, -1, withscores=True)
         pipe.zrange(keys.pod_draining, 0, -1)
@@ -33,17 +39,28 @@ async def read_state(r: Redis, keys: Keys, config: TierConfig) -> dict[str, Any]
         free[(name, "open")] = dict(res[9 + 2 * i])
         free[(name, "restricted")] = dict(res[10 + 2 * i])
     return {
-        "pools": pools, "zones": zones, "loads": {p: int(v) for p, v in loads.items()},
+        "pools": pools,
+        "zones": zones,
+        "loads": {p: int(v) for p, v in loads.items()},
         "pod_calls": {p: v.split() for p, v in pcalls.items()},
         "calls": {c: orjson.loads(v) for c, v in calls.items()},
         "counts": {p: int(v) for p, v in counts.items()},
-        "seen": dict(seen), "draining": set(draining), "leases": dict(leases), "free": free,
+        "seen": dict(seen),
+        "draining": set(draining),
+        "leases": dict(leases),
+        "free": free,
     }
 
 
 async def violations(
-    r: Redis, keys: Keys, config: TierConfig, *, now_ms: float, pod_ttl_ms: float,
-    owners: dict[str, str] | None = None, config_changed: bool = False,
+    r: Redis,
+    keys: Keys,
+    config: TierConfig,
+    *,
+    now_ms: float,
+    pod_ttl_ms: float,
+    owners: dict[str, str] | None = None,
+    config_changed: bool = False,
 ) -> list[str]:
     """Every broken invariant, described. ``owners``: dedicated pool -> merchant.
 
@@ -74,16 +91,17 @@ async def violations(
         if rec.get("rzone") == "restricted" and rec.get("zone") != "restricted":
             out.append(f"restricted call {c} on open pod {pod}")
         if owners and rec["pool"] in owners and rec.get("merchant") != owners[rec["pool"]]:
-            out.append(f"call {c} of merchant {rec.get('merchant')!r} in dedicated pool "
-                       f"{rec['pool']} of {owners[rec['pool']]}")
+            out.append(
+                f"call {c} of merchant {rec.get('merchant')!r} in dedicated pool "
+                f"{rec['pool']} of {owners[rec['pool']]}"
+            )
     for c in listed:
         if c not in s["calls"]:
             out.append(f"pod {listed[c]} lists call {c} that has no record")
     # capacity: never above max for pods of a configured pool
     for pod, pool in s["pools"].items():
         tier = config.get(pool) if pool else None
-        if not config_changed and tier is not None and \
-                s["loads"].get(pod, 0) > tier.max_concurrent:
+        if not config_changed and tier is not None and s["loads"].get(pod, 0) > tier.max_concurrent:
             out.append(f"pod {pod} in {pool}: load {s['loads'][pod]} > max {tier.max_concurrent}")
     # pool counts equal the pods assigned
     counted: dict[str, int] = {}
@@ -98,7 +116,9 @@ async def violations(
         want = {
             pod: float(s["loads"].get(pod, 0))
             for pod, p in s["pools"].items()
-            if p == pool and s["zones"].get(pod) == zone and pod not in s["draining"]
+            if p == pool
+            and s["zones"].get(pod) == zone
+            and pod not in s["draining"]
             and s["seen"].get(pod, -1e18) + pod_ttl_ms >= now_ms
             and s["loads"].get(pod, 0) < tier.max_concurrent
         }

@@ -1,6 +1,6 @@
 """Worker subprocesses for end-to-end tests, and the producer's side of the wire.
 
-:class:`WorkerPool` starts ``python -m workers`` processes against the test
+:class:`WorkerPool` starts ``python -m tierpool.workers`` processes against the test
 Redis with short claim/block timings and a free metrics port each, waits
 until each one is ready (its id is in ``tp:{NS}:workers``, which a worker
 writes only after its consumer joined the group and every role started),
@@ -24,8 +24,8 @@ import anyio
 import anyio.to_thread
 from redis.asyncio import Redis
 
-from core.keys import Keys
-from workers.spawn import spawn_worker
+from tierpool.core.keys import Keys
+from tierpool.workers.spawn import spawn_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "t"
@@ -84,7 +84,11 @@ class WorkerPool:
     """Spawns worker processes on one Redis and namespace; kills leftovers on close."""
 
     def __init__(
-        self, redis_url: str, log_dir: Path, *, namespace: str = NAMESPACE,
+        self,
+        redis_url: str,
+        log_dir: Path,
+        *,
+        namespace: str = NAMESPACE,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.redis_url = redis_url
@@ -101,8 +105,9 @@ class WorkerPool:
         out = []
         for _ in range(n):
             log_path = self.log_dir / f"worker-{len(self.procs)}.log"
-            proc, port = spawn_worker(self.redis_url, self.namespace, log_path,
-                                      env={**self.env, **(env or {})}, args=args)
+            proc, port = spawn_worker(
+                self.redis_url, self.namespace, log_path, env={**self.env, **(env or {})}, args=args
+            )
             wp = WorkerProc(proc, log_path, port)
             self.procs.append(wp)
             out.append(wp)
@@ -119,7 +124,8 @@ class WorkerPool:
                     if not wp.alive():
                         raise AssertionError(
                             f"worker {wp.pid} exited with {wp.proc.returncode}:\n"
-                            f"{wp.log_text()[-3000:]}")
+                            f"{wp.log_text()[-3000:]}"
+                        )
                     if wp.worker_id is None:
                         wp.worker_id = next((m for m in members if f"-{wp.pid}-" in m), None)
                 if all(wp.worker_id for wp in procs):
@@ -146,7 +152,9 @@ class WorkerPool:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.close()
@@ -183,8 +191,10 @@ async def replies(
                     pipe.xrange(KEYS.reply(rid))
                 got = await pipe.execute()
             if all(got):
-                return {rid: [f for _, f in entries]
-                        for rid, entries in zip(request_ids, got, strict=True)}
+                return {
+                    rid: [f for _, f in entries]
+                    for rid, entries in zip(request_ids, got, strict=True)
+                }
             await anyio.sleep(0.05)
 
 

@@ -8,12 +8,12 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from core.keys import Keys
-from core.settings import Settings
-from core.snapshot import ConfigSnapshot, read_snapshot
-from core.state import Outcome, PoolState
-from core.tierconfig import default_tier_config, parse_tier_config, to_json
-from schemas import (
+from tierpool.core.keys import Keys
+from tierpool.core.settings import Settings
+from tierpool.core.snapshot import ConfigSnapshot, read_snapshot
+from tierpool.core.state import Outcome, PoolState
+from tierpool.core.tierconfig import default_tier_config, parse_tier_config, to_json
+from tierpool.schemas import (
     AllocateRequest,
     DrainRequest,
     PodDeregister,
@@ -70,28 +70,42 @@ class Ops:
         self.n += 1
         return f"r{self.n}"
 
-    async def register(self, pod: str, zone: str = "open", capability: int = 1,
-                       now_ms: int | None = None) -> Outcome:
-        return await self.state.apply(PodRegister(
-            request_id=self.rid(), pod_id=pod, endpoint=f"http://{pod}:8080", zone=zone,
-            capability=capability), now_ms=now_ms)  # type: ignore[arg-type]
+    async def register(
+        self, pod: str, zone: str = "open", capability: int = 1, now_ms: int | None = None
+    ) -> Outcome:
+        return await self.state.apply(
+            PodRegister(
+                request_id=self.rid(),
+                pod_id=pod,
+                endpoint=f"http://{pod}:8080",
+                zone=zone,
+                capability=capability,
+            ),
+            now_ms=now_ms,
+        )  # type: ignore[arg-type]
 
-    async def heartbeat(self, pod: str, calls: list[str] | None = None,
-                        now_ms: int | None = None) -> Outcome:
-        return await self.state.apply(PodHeartbeat(
-            request_id=self.rid(), pod_id=pod,
-            calls=None if calls is None else tuple(calls)), now_ms=now_ms)
+    async def heartbeat(
+        self, pod: str, calls: list[str] | None = None, now_ms: int | None = None
+    ) -> Outcome:
+        return await self.state.apply(
+            PodHeartbeat(
+                request_id=self.rid(), pod_id=pod, calls=None if calls is None else tuple(calls)
+            ),
+            now_ms=now_ms,
+        )
 
     async def deregister(self, pod: str) -> Outcome:
         return await self.state.apply(PodDeregister(request_id=self.rid(), pod_id=pod))
 
     async def allocate(self, call: str, now_ms: int | None = None, **kw: Any) -> Outcome:
         return await self.state.apply(
-            AllocateRequest(request_id=self.rid(), call_id=call, **kw), now_ms=now_ms)
+            AllocateRequest(request_id=self.rid(), call_id=call, **kw), now_ms=now_ms
+        )
 
     async def release(self, call: str) -> Outcome:
         return await self.state.apply(ReleaseRequest(request_id=self.rid(), call_id=call))
 
     async def drain(self, pod: str, action: str = "drain") -> Outcome:
         return await self.state.apply(
-            DrainRequest(request_id=self.rid(), pod_id=pod, action=action))  # type: ignore[arg-type]
+            DrainRequest(request_id=self.rid(), pod_id=pod, action=action)
+        )  # type: ignore[arg-type]

@@ -13,11 +13,11 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.redisconn import connect
-from core.state import PoolState
-from schemas import AllocateRequest, ConfigRequest
 from tests.invariants import violations
 from tests.statekit import KEYS, Ops, RedisSource, make_state
+from tierpool.core.redisconn import connect
+from tierpool.core.state import PoolState
+from tierpool.schemas import AllocateRequest, ConfigRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -210,16 +210,23 @@ async def test_d22_removed_tier_leaves_no_stale_entries(r: Redis) -> None:
 
 async def test_d26_merchant_pools_may_be_shared(r: Redis) -> None:
     """§14.26: merchant pools were exclusive only."""
-    cfg = {"tiers": {"gold": {"target": 1},
-                     "acme": {"type": "shared", "target": 1, "max_concurrent": 2}},
-           "default_chain": ["gold"]}
+    cfg = {
+        "tiers": {
+            "gold": {"target": 1},
+            "acme": {"type": "shared", "target": 1, "max_concurrent": 2},
+        },
+        "default_chain": ["gold"],
+    }
     state = await make_state(r, cfg)
     ops = Ops(state)
     await ops.register("d1")
-    from schemas import MerchantPolicy
+    from tierpool.schemas import MerchantPolicy
 
-    await state.apply(ConfigRequest(request_id="m", merchant_id="acme-co",
-                                    merchant=MerchantPolicy(pool="acme", fallback=())))
+    await state.apply(
+        ConfigRequest(
+            request_id="m", merchant_id="acme-co", merchant=MerchantPolicy(pool="acme", fallback=())
+        )
+    )
     await state.source.refresh()
     a = await ops.allocate("c1", merchant_id="acme-co")
     b = await ops.allocate("c2", merchant_id="acme-co")
@@ -276,11 +283,12 @@ async def test_drain_racing_allocations_never_loses_a_pod_or_a_count(
 async def test_d28_d29_gauges_count_every_call_of_a_shared_pod(r: Redis) -> None:
     """§14.28/29: status pools were empty, and lease-based active_calls counted a
     shared pod with several calls once (4 instead of 6). Gauges count pod:load."""
-    from core.leader import Election
-    from core.reconcile import publish_gauges
+    from tierpool.core.leader import Election
+    from tierpool.core.reconcile import publish_gauges
 
-    state = await make_state(r, {"basic": {"type": "shared", "target": 2, "max_concurrent": 4},
-                                 "gold": {"target": 1}})
+    state = await make_state(
+        r, {"basic": {"type": "shared", "target": 2, "max_concurrent": 4}, "gold": {"target": 1}}
+    )
     ops = Ops(state)
     for p in ("s1", "s2", "g1"):
         await ops.register(p)

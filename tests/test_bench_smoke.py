@@ -19,23 +19,51 @@ from tests.conftest import ROOT
 def test_bench_prints_a_table_and_json() -> None:
     """Guards the command itself: every part runs, the table and the JSON agree on the parts."""
     cmd = [
-        sys.executable, "-m", "workers.cli", "bench",
-        "--workers", "2", "--pods", "40", "--tiers", "mixed",
-        "--duration", "0.5", "--repeat", "1", "--raw-procs", "1", "--batch", "8",
-        "--concurrency", "4", "--rates", "50", "--changes", "2", "--requests", "200",
-        "--json", "-",
+        sys.executable,
+        "-m",
+        "tierpool",
+        "bench",
+        "--workers",
+        "2",
+        "--pods",
+        "40",
+        "--tiers",
+        "mixed",
+        "--duration",
+        "0.5",
+        "--repeat",
+        "1",
+        "--raw-procs",
+        "1",
+        "--batch",
+        "8",
+        "--concurrency",
+        "4",
+        "--rates",
+        "50",
+        "--changes",
+        "2",
+        "--requests",
+        "200",
+        "--json",
+        "-",
     ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     table, brace, rest = out.partition("\n{")
     assert "| measure | result | target | met |" in table
-    for row in ("Raw ceiling", "End to end", "Latency, open loop 50/s", "Config propagation",
-                "Memory after", "Failover"):
+    for row in (
+        "Raw ceiling",
+        "End to end",
+        "Latency, open loop 50/s",
+        "Config propagation",
+        "Memory after",
+        "Failover",
+    ):
         assert row in table, f"no {row!r} row in:\n{table}"
     results = json.loads(brace.strip() + rest)
-    assert set(results) >= {"meta", "raw", "e2e", "latency", "propagation", "memory",
-                            "failover"}
+    assert set(results) >= {"meta", "raw", "e2e", "latency", "propagation", "memory", "failover"}
     assert results["raw"]["ceiling"] > 0
     assert results["e2e"]["max"] > 0
     assert results["propagation"]["changes"] == 2

@@ -23,18 +23,24 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from core.client import ClientClosed, TierpoolClient, new_request_id
-from core.errors import InvalidMessage, RequestTimeout
-from core.keys import GROUP, Keys
-from core.podagent import PodAgent
-from core.redisconn import connect
-from core.redisproc import RedisProcess
-from core.scripts import run_calls
-from core.state import Entry, PoolState
-from schemas import PodDeregister, PodHeartbeat, PodRegister, decode_pod_event, decode_request
 from tests.conftest import wait_for
 from tests.procs import NAMESPACE, WorkerPool
 from tests.statekit import KEYS, make_state
+from tierpool.client.client import ClientClosed, TierpoolClient, new_request_id
+from tierpool.client.podagent import PodAgent
+from tierpool.core.errors import InvalidMessage, RequestTimeout
+from tierpool.core.keys import GROUP, Keys
+from tierpool.core.redisconn import connect
+from tierpool.core.scripts import run_calls
+from tierpool.core.state import Entry, PoolState
+from tierpool.schemas import (
+    PodDeregister,
+    PodHeartbeat,
+    PodRegister,
+    decode_pod_event,
+    decode_request,
+)
+from tierpool.workers.redisproc import RedisProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -46,8 +52,11 @@ CONFIG = {
 
 
 async def fake_worker(
-    redis_url: str, state_env: dict[str, str] | None = None, *,
-    config: Any = None, task_status: TaskStatus[PoolState] = anyio.TASK_STATUS_IGNORED,
+    redis_url: str,
+    state_env: dict[str, str] | None = None,
+    *,
+    config: Any = None,
+    task_status: TaskStatus[PoolState] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """A one-process worker: the real state machine behind a minimal consumer loop."""
     r = connect(redis_url)
@@ -63,22 +72,25 @@ async def fake_worker(
                     raise
         task_status.started(state)
         while True:
-            resp = await r.xreadgroup(GROUP, "fake", {s: ">" for s in kinds}, count=256,
-                                      block=100)
+            resp = await r.xreadgroup(GROUP, "fake", {s: ">" for s in kinds}, count=256, block=100)
             items: list[Any] = []
             raw: list[dict[str, str]] = []
             for stream, entries in resp or []:
                 for entry_id, fields in entries:
                     kind = kinds[stream]
-                    msg = (decode_pod_event(fields) if kind == "pods"
-                           else decode_request(kind, fields))
+                    msg = (
+                        decode_pod_event(fields) if kind == "pods" else decode_request(kind, fields)
+                    )
                     items.append((msg, Entry(stream, entry_id)))
                     raw.append(fields)
             outcomes = await state.run(items) if items else []
-            rejects = [state.reject_call(entry=entry, request_id=msg.request_id,
-                                         error=out.fields["error"], fields=fields)
-                       for (msg, entry), out, fields in zip(items, outcomes, raw, strict=True)
-                       if out.status == "invalid"]
+            rejects = [
+                state.reject_call(
+                    entry=entry, request_id=msg.request_id, error=out.fields["error"], fields=fields
+                )
+                for (msg, entry), out, fields in zip(items, outcomes, raw, strict=True)
+                if out.status == "invalid"
+            ]
             if rejects:  # invalid against the config: answered like the real worker does
                 await run_calls(r, rejects)
     finally:
@@ -89,8 +101,9 @@ async def fake_worker(
 @asynccontextmanager
 async def running_worker(redis_url: str, **kw: Any) -> AsyncIterator[PoolState]:
     async with anyio.create_task_group() as tg:
-        state: PoolState = await tg.start(lambda task_status: fake_worker(
-            redis_url, task_status=task_status, **kw))
+        state: PoolState = await tg.start(
+            lambda task_status: fake_worker(redis_url, task_status=task_status, **kw)
+        )
         try:
             yield state
         finally:
@@ -98,8 +111,12 @@ async def running_worker(redis_url: str, **kw: Any) -> AsyncIterator[PoolState]:
 
 
 def register(pod: str, zone: str = "open", capability: int = 1) -> PodRegister:
-    return PodRegister(pod_id=pod, endpoint=f"http://{pod}:8080", zone=zone,  # type: ignore[arg-type]
-                       capability=capability)
+    return PodRegister(
+        pod_id=pod,
+        endpoint=f"http://{pod}:8080",
+        zone=zone,  # type: ignore[arg-type]
+        capability=capability,
+    )
 
 
 async def test_every_method_round_trips(redis_url: str, r: Redis) -> None:
@@ -169,8 +186,10 @@ async def test_no_reply_raises_request_timeout_and_forgets_the_waiter(redis_url:
 
 async def test_500_concurrent_allocations_share_two_connections(redis_url: str, r: Redis) -> None:
     cfg = {"basic": {"type": "shared", "target": 100, "max_concurrent": 5}}
-    async with running_worker(redis_url, config=cfg), \
-            TierpoolClient.from_url(redis_url, namespace=NS) as c:
+    async with (
+        running_worker(redis_url, config=cfg),
+        TierpoolClient.from_url(redis_url, namespace=NS) as c,
+    ):
         async with anyio.create_task_group() as tg:
             for i in range(100):
                 tg.start_soon(c.send_pod_event, register(f"p{i}"))
@@ -208,8 +227,9 @@ async def test_reply_written_before_the_read_is_not_missed(redis_url: str, r: Re
     """Regression guard: the reader reads each reply stream from its start."""
     await r.xadd(KEYS.reply("early"), {"request_id": "early", "status": "alive", "pod_id": "p"})
     async with TierpoolClient.from_url(redis_url, namespace=NS) as c:
-        reply = await c.mux.submit("early", KEYS.reply("sink"), {"x": "1"}, KEYS.reply("early"),
-                                   2.0)
+        reply = await c.mux.submit(
+            "early", KEYS.reply("sink"), {"x": "1"}, KEYS.reply("early"), 2.0
+        )
         assert reply is not None and reply.status == "alive"
 
 
@@ -220,13 +240,17 @@ async def test_a_new_request_does_not_wait_for_the_current_block(
     """With CLIENT UNBLOCK a request made while the reader is blocked is answered at
     once; without it (the control case) it waits for the block to end."""
     block_ms = 1_500
-    async with running_worker(redis_url), TierpoolClient.from_url(
-            redis_url, namespace=NS, block_ms=block_ms, unblock=unblock) as c:
+    async with (
+        running_worker(redis_url),
+        TierpoolClient.from_url(redis_url, namespace=NS, block_ms=block_ms, unblock=unblock) as c,
+    ):
         await c.send_pod_event(register("p0"))
         async with anyio.create_task_group() as tg:
             # a request nobody answers keeps the reader blocked on its stream
-            tg.start_soon(_swallow_timeout, c.mux.submit(
-                "never", KEYS.reply("sink"), {"x": "1"}, KEYS.reply("never"), 5.0))
+            tg.start_soon(
+                _swallow_timeout,
+                c.mux.submit("never", KEYS.reply("sink"), {"x": "1"}, KEYS.reply("never"), 5.0),
+            )
             await wait_for(lambda: _blocked(c))
             t0 = time.monotonic()
             assert (await c.allocate("c1")).status == "allocated"
@@ -323,11 +347,16 @@ def _p50_p99(lat: list[float]) -> tuple[float, float]:
     return statistics.median(lat) * 1e3, lat[int(len(lat) * 0.99)] * 1e3
 
 
-CLIENT_MODES = (("unblock, block 1000 ms", {"unblock": True}),
-                ("poll, block 1 ms", {"unblock": False, "block_ms": 1}),
-                ("poll, block 10 ms", {"unblock": False, "block_ms": 10}))
-PATTERNS = (("1 caller", 1, False), ("2 callers", 2, False),
-            ("1 caller + 1 request outstanding", 1, True))
+CLIENT_MODES = (
+    ("unblock, block 1000 ms", {"unblock": True}),
+    ("poll, block 1 ms", {"unblock": False, "block_ms": 1}),
+    ("poll, block 10 ms", {"unblock": False, "block_ms": 10}),
+)
+PATTERNS = (
+    ("1 caller", 1, False),
+    ("2 callers", 2, False),
+    ("1 caller + 1 request outstanding", 1, True),
+)
 SAMPLES = 200
 
 
@@ -354,11 +383,17 @@ async def _measure(redis_url: str, r: Redis) -> dict[str, tuple[float, float]]:
             lat = await _callers(callers, partial(_raw_allocate, r), f"raw{p}")
             rows[f"redis-py producer, {pattern}"] = _p50_p99(lat)
         for j, (mode, kw) in enumerate(CLIENT_MODES):
-            async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE, **kw) as c, \
-                    anyio.create_task_group() as tg:
+            async with (
+                TierpoolClient.from_url(redis_url, namespace=NAMESPACE, **kw) as c,
+                anyio.create_task_group() as tg,
+            ):
                 if outstanding:  # nobody answers it: the reader stays blocked on it
-                    tg.start_soon(_swallow_timeout, c.mux.submit(
-                        "slow", KEYS.reply("sink"), {"x": "1"}, KEYS.reply("slow"), 60))
+                    tg.start_soon(
+                        _swallow_timeout,
+                        c.mux.submit(
+                            "slow", KEYS.reply("sink"), {"x": "1"}, KEYS.reply("slow"), 60
+                        ),
+                    )
                 # polling behind a blocked read takes up to Redis's 100 ms tick: fewer samples
                 samples = SAMPLES // 5 if outstanding and not c.mux.unblock else SAMPLES
                 lat = await _callers(callers, partial(_client_allocate, c), f"c{p}{j}", samples)
@@ -378,11 +413,14 @@ async def test_measure_round_trip_latency_against_one_worker(
     short block then does not help, as Redis ends a blocking read only at its
     next event-loop tick (hz 10: up to 100 ms) when nothing else wakes it."""
     cfg = orjson.dumps({"basic": {"type": "shared", "target": 1, "max_concurrent": 5}})
-    with WorkerPool(redis_url, tmp_path, env={"TIER_CONFIG": cfg.decode(),
-                                              "LOG_LEVEL": "warning"}) as pool:
+    with WorkerPool(
+        redis_url, tmp_path, env={"TIER_CONFIG": cfg.decode(), "LOG_LEVEL": "warning"}
+    ) as pool:
         await pool.start(r)
-        async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as pod_client, \
-                anyio.create_task_group() as pod_tg:
+        async with (
+            TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as pod_client,
+            anyio.create_task_group() as pod_tg,
+        ):
             await pod_tg.start(PodAgent(pod_client, "p0", "http://p0:8080", heartbeat_s=2).run)
             rows = await _measure(redis_url, r)
             pod_tg.cancel_scope.cancel()

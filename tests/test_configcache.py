@@ -12,17 +12,23 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.configcache import ConfigCache
-from core.errors import InvalidMessage, TierConfigError
-from core.keys import Keys
-from core.redisconn import connect
-from core.redisproc import RedisProcess
-from core.settings import Settings
-from core.snapshot import ConfigSnapshot
-from core.state import PoolState
-from core.tierconfig import parse_tier_config, to_json
-from schemas import AllocateRequest, ConfigRequest, MerchantPolicy, PodRegister, decode_request
 from tests.conftest import wait_for
+from tierpool.core.configcache import ConfigCache
+from tierpool.core.errors import InvalidMessage, TierConfigError
+from tierpool.core.keys import Keys
+from tierpool.core.redisconn import connect
+from tierpool.core.settings import Settings
+from tierpool.core.snapshot import ConfigSnapshot
+from tierpool.core.state import PoolState
+from tierpool.core.tierconfig import parse_tier_config, to_json
+from tierpool.schemas import (
+    AllocateRequest,
+    ConfigRequest,
+    MerchantPolicy,
+    PodRegister,
+    decode_request,
+)
+from tierpool.workers.redisproc import RedisProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -34,8 +40,12 @@ CacheFactory = Callable[..., Awaitable[ConfigCache]]
 
 
 def make_settings(**env: str) -> Settings:
-    base = {"TIERPOOL_NAMESPACE": "t", "TIER_CONFIG": GOLD, "TIERPOOL_CONFIG_RESYNC": LONG,
-            "TIERPOOL_MERCHANT_CACHE_TTL": LONG}
+    base = {
+        "TIERPOOL_NAMESPACE": "t",
+        "TIER_CONFIG": GOLD,
+        "TIERPOOL_CONFIG_RESYNC": LONG,
+        "TIERPOOL_MERCHANT_CACHE_TTL": LONG,
+    }
     return Settings.from_env({**base, **env})
 
 
@@ -92,11 +102,16 @@ class Health:
 
 # --- bootstrap -----------------------------------------------------------------
 
-@pytest.mark.parametrize("raw", [
-    '{"tiers": {"gold": {"type": "exclusive", "target": 2}}, "default_chain": ["gold"]}',
-    '{"gold": {"type": "exclusive", "target": 2}, "basic": {"type": "shared", "target": 1}}',
-    '{"gold": 2, "standard": 3}',
-], ids=["structured", "flat", "integer-map"])
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"tiers": {"gold": {"type": "exclusive", "target": 2}}, "default_chain": ["gold"]}',
+        '{"gold": {"type": "exclusive", "target": 2}, "basic": {"type": "shared", "target": 1}}',
+        '{"gold": 2, "standard": 3}',
+    ],
+    ids=["structured", "flat", "integer-map"],
+)
 async def test_bootstrap_writes_the_env_config_when_redis_has_none(
     r: Redis, caches: CacheFactory, raw: str
 ) -> None:
@@ -160,6 +175,7 @@ async def _true(value: bool) -> bool:
 
 
 # --- invalidation and its safety nets ------------------------------------------
+
 
 async def test_a_missed_message_is_recovered_by_the_safety_read(
     r: Redis, caches: CacheFactory
@@ -229,7 +245,9 @@ async def test_a_burst_of_messages_costs_a_few_reads(r: Redis, caches: CacheFact
 
 
 async def test_redis_down_at_start_keeps_the_env_config_then_recovers(
-    redis_server: RedisProcess, redis_url: str, caches: CacheFactory,
+    redis_server: RedisProcess,
+    redis_url: str,
+    caches: CacheFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     health = Health()
@@ -237,8 +255,10 @@ async def test_redis_down_at_start_keeps_the_env_config_then_recovers(
     redis_server.stop()
     try:
         async with running_soon(cache):
-            await wait_for(lambda: _true(any(
-                "config listener" in rec.getMessage() for rec in caplog.records)), timeout_s=5)
+            await wait_for(
+                lambda: _true(any("config listener" in rec.getMessage() for rec in caplog.records)),
+                timeout_s=5,
+            )
             assert cache.current().config.pools == ("gold",)
             assert cache.version == 1 and not health.config_loaded and not health.subscribed
             redis_server.start()
@@ -324,8 +344,9 @@ async def test_merchant_policy_set_changed_removed_is_seen_by_another_cache(
         state = PoolState(r, KEYS, writer.settings, writer)
 
         async def policy(rid: str, p: MerchantPolicy | None) -> ConfigSnapshot:
-            msg = ConfigRequest(request_id=rid, merchant_id="m1", merchant=p,
-                                remove_merchant=p is None)
+            msg = ConfigRequest(
+                request_id=rid, merchant_id="m1", merchant=p, remove_merchant=p is None
+            )
             assert (await state.apply(msg)).status == "applied"
             mv = int(await r.get(KEYS.merchants_version) or 0)
             return await reader.wait_until(lambda s: s.merchants_version == mv, timeout_s=2)
@@ -348,13 +369,20 @@ async def test_secrets_are_never_stored_nor_logged(
     async with running(cache):
         state = PoolState(r, KEYS, cache.settings, cache)
         with pytest.raises(InvalidMessage) as bad:
-            decode_request("config", {"request_id": "s1", "merchant_id": "m1",
-                                      "merchant": f'{{"pool": "vip", "api_key": "{secret}"}}'})
+            decode_request(
+                "config",
+                {
+                    "request_id": "s1",
+                    "merchant_id": "m1",
+                    "merchant": f'{{"pool": "vip", "api_key": "{secret}"}}',
+                },
+            )
         assert "api_key" in str(bad.value) and secret not in str(bad.value)
         with pytest.raises(msgspec.ValidationError):
             msgspec.convert({"pool": "vip", "api_key": secret}, MerchantPolicy)
-        ok = await state.apply(ConfigRequest(
-            request_id="s2", merchant_id="m1", merchant=MerchantPolicy(pool="vip")))
+        ok = await state.apply(
+            ConfigRequest(request_id="s2", merchant_id="m1", merchant=MerchantPolicy(pool="vip"))
+        )
         assert ok.status == "applied"
         assert orjson.loads(await r.hget(KEYS.merchants, "m1") or "") == {"pool": "vip"}
         await cache.wait_until(lambda s: "m1" in s.merchants, timeout_s=2)
@@ -362,19 +390,29 @@ async def test_secrets_are_never_stored_nor_logged(
         await r.hset(KEYS.merchants, "m2", f'{{"zone": "open", "api_key": "{secret}"}}')
         await r.incr(KEYS.merchants_version)
         await r.publish(KEYS.config_changed, "merchants:99")
-        await wait_for(lambda: _true(any(
-            "stored tier config ignored" in rec.getMessage() for rec in caplog.records)), 2)
+        await wait_for(
+            lambda: _true(
+                any("stored tier config ignored" in rec.getMessage() for rec in caplog.records)
+            ),
+            2,
+        )
         assert "m2" not in cache.current().merchants
     for key in await r.keys("*"):
         kind = await r.type(key)
-        dump = str(await r.hgetall(key)) if kind == "hash" else str(await r.get(key)) \
-            if kind == "string" else ""
+        dump = (
+            str(await r.hgetall(key))
+            if kind == "hash"
+            else str(await r.get(key))
+            if kind == "string"
+            else ""
+        )
         assert secret not in dump or key == KEYS.merchants
     assert all(secret not in rec.getMessage() for rec in caplog.records)
     assert any("'m1': {'pool': 'vip'}" in rec.getMessage() for rec in caplog.records)
 
 
 # --- the version guard ------------------------------------------------------------
+
 
 async def test_a_stale_workers_allocation_is_refused_and_it_refreshes(
     r: Redis, caches: CacheFactory
@@ -405,6 +443,9 @@ async def test_a_stale_workers_allocation_is_refused_and_it_refreshes(
         assert stale.version == 1  # still believes in gold
         got = await b.apply(AllocateRequest(request_id="x", call_id="c1"))
         assert (got.status, got.fields["pool"], got.fields["pod_id"]) == (
-            "allocated", "silver", "p1")
+            "allocated",
+            "silver",
+            "p1",
+        )
         assert refreshes == [2]  # refused once as stale, then run on version 2
         assert await r.hget(KEYS.pod_pool, "p0") == ""

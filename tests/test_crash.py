@@ -32,13 +32,13 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.client import RequestNotSent, TierpoolClient, new_request_id
-from core.errors import RequestTimeout
-from core.podagent import PodAgent
-from core.tierconfig import parse_tier_config
 from tests.conftest import wait_for
 from tests.invariants import violations
 from tests.procs import KEYS, NAMESPACE, WorkerPool, pending_total
+from tierpool.client.client import RequestNotSent, TierpoolClient, new_request_id
+from tierpool.client.podagent import PodAgent
+from tierpool.core.errors import RequestTimeout
+from tierpool.core.tierconfig import parse_tier_config
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -89,8 +89,9 @@ class History:
         return reply
 
 
-async def caller(c: TierpoolClient, h: History, loop: int, stop: anyio.Event,
-                 rng: random.Random) -> None:
+async def caller(
+    c: TierpoolClient, h: History, loop: int, stop: anyio.Event, rng: random.Random
+) -> None:
     n = 0
     while not stop.is_set() and len(h.allocated) + len(h.maybe_allocated) < MAX_CALLS:
         call = f"L{loop}-{n}"
@@ -129,8 +130,9 @@ async def chaos(pool: WorkerPool, r: Redis, stop: anyio.Event, rng: random.Rando
     return kills
 
 
-def replay(events: list[dict[str, str]], max_of: dict[str, int]) -> tuple[list[str], Counter[str],
-                                                                            Counter[str], dict]:
+def replay(
+    events: list[dict[str, str]], max_of: dict[str, int]
+) -> tuple[list[str], Counter[str], Counter[str], dict]:
     """Replay the audit log in Redis's order: duplicates, and per-call event counts."""
     dups: list[str] = []
     live: dict[str, str] = {}
@@ -166,12 +168,21 @@ async def test_kill_9_workers_under_load_keeps_exactly_once(
     h = History()
     with WorkerPool(redis_url, tmp_path, env=ENV) as pool:
         await pool.start(r, 3)
-        async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE,
-                                           delete_replies=False) as c, \
-                TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as pods_client, \
-                anyio.create_task_group() as tg:
-            agents = [PodAgent(pods_client, f"pod{i}", f"http://pod{i}:8080",
-                               heartbeat_s=1.0, report_calls=False) for i in range(PODS)]
+        async with (
+            TierpoolClient.from_url(redis_url, namespace=NAMESPACE, delete_replies=False) as c,
+            TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as pods_client,
+            anyio.create_task_group() as tg,
+        ):
+            agents = [
+                PodAgent(
+                    pods_client,
+                    f"pod{i}",
+                    f"http://pod{i}:8080",
+                    heartbeat_s=1.0,
+                    report_calls=False,
+                )
+                for i in range(PODS)
+            ]
             for agent in agents:
                 await tg.start(agent.run)
             stop = anyio.Event()
@@ -204,8 +215,10 @@ async def test_kill_9_workers_under_load_keeps_exactly_once(
         errors = list(h.errors)
         for call, pod in h.allocated.items():
             if allocs[call] != 1 or alloc_pod.get(call) != pod:
-                errors.append(f"acknowledged {call} on {pod}: log has {allocs[call]} "
-                              f"allocations, on {alloc_pod.get(call)}")
+                errors.append(
+                    f"acknowledged {call} on {pod}: log has {allocs[call]} "
+                    f"allocations, on {alloc_pod.get(call)}"
+                )
         for call in h.released:
             if ends[call] != 1 or call in final_calls:
                 errors.append(f"acknowledged release of {call}: {ends[call]} ends in the log")
@@ -216,29 +229,34 @@ async def test_kill_9_workers_under_load_keeps_exactly_once(
             elif allocs[call] == 0 and call not in final_calls:
                 maybe_not += 1
             else:
-                errors.append(f"timed-out allocate {call}: {allocs[call]} allocations, "
-                              f"live={call in final_calls}")
+                errors.append(
+                    f"timed-out allocate {call}: {allocs[call]} allocations, "
+                    f"live={call in final_calls}"
+                )
         for call in h.maybe_released:
             if ends[call] == 1 and call not in final_calls:
                 maybe_happened += 1
             elif ends[call] == 0 and call in final_calls:
                 maybe_not += 1
             else:
-                errors.append(f"timed-out release {call}: {ends[call]} ends, "
-                              f"live={call in final_calls}")
+                errors.append(
+                    f"timed-out release {call}: {ends[call]} ends, live={call in final_calls}"
+                )
         now_ms = int((await r.time())[0]) * 1000
         broken = await violations(r, KEYS, config, now_ms=now_ms, pod_ttl_ms=15_000)
         dup_state = [v for v in broken if "listed by pods" in v or "> max" in v]
         broken = [v for v in broken if v not in dup_state]
         statuses = Counter(rep.status for rep in h.replies.values())
 
-    print(f"[crash] {kills} kills in {took:.1f}s; {len(h.requests)} requests "
-          f"({dict(statuses)}); {len(h.maybe)} timed out, {len(h.unsent)} of them unsent; "
-          f"calls left unresolved by a timeout: {maybe_happened} happened, {maybe_not} did not; "
-          f"{len(h.allocated)} acknowledged allocations, {len(h.released)} releases; "
-          f"duplicates: {len(dups) + len(dup_state)}; missing replies: {len(no_reply)}, "
-          f"extra replies: {len(extra_replies)}; errors: {len(errors)}; "
-          f"invariant violations: {len(broken)}")
+    print(
+        f"[crash] {kills} kills in {took:.1f}s; {len(h.requests)} requests "
+        f"({dict(statuses)}); {len(h.maybe)} timed out, {len(h.unsent)} of them unsent; "
+        f"calls left unresolved by a timeout: {maybe_happened} happened, {maybe_not} did not; "
+        f"{len(h.allocated)} acknowledged allocations, {len(h.released)} releases; "
+        f"duplicates: {len(dups) + len(dup_state)}; missing replies: {len(no_reply)}, "
+        f"extra replies: {len(extra_replies)}; errors: {len(errors)}; "
+        f"invariant violations: {len(broken)}"
+    )
     assert kills >= 10
     assert len(h.allocated) > 100, "the load did not run"
     assert dups == [] and dup_state == [], (dups, dup_state)

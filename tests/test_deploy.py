@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from core import metrics
 from tests.conftest import ROOT
-from workers.cli import COMMANDS, build_parser
+from tierpool.workers import metrics
+from tierpool.workers.cli import COMMANDS, build_parser
 
 DEPLOY = ROOT / "deploy"
 
@@ -53,7 +53,7 @@ def _sequence(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[list[A
     while i < len(lines) and lines[i][0] == indent and lines[i][1].startswith("- "):
         item = lines[i][1][2:].strip()
         if _is_key(item):  # "- key: value": a mapping whose keys sit 2 columns further in
-            sub = [(indent + 2, item), *lines[i + 1:]]
+            sub = [(indent + 2, item), *lines[i + 1 :]]
             value, used = _mapping(sub, 0, indent + 2)
             out.append(value)
             i += used
@@ -76,8 +76,9 @@ def _mapping(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[dict[st
         i += 1
         if rest:
             out[key] = _scalar(rest)
-        elif i < len(lines) and (lines[i][0] > indent or (
-                lines[i][0] == indent and lines[i][1].startswith("- "))):
+        elif i < len(lines) and (
+            lines[i][0] > indent or (lines[i][0] == indent and lines[i][1].startswith("- "))
+        ):
             out[key], i = _block(lines, i, lines[i][0])
         else:
             out[key] = None
@@ -89,7 +90,7 @@ def _is_key(text: str) -> bool:
 
 
 def _scalar(text: str) -> Any:
-    if text[0] in "[{\"":
+    if text[0] in '[{"':
         return json.loads(text)
     if " #" in text:
         raise ValueError(f"inline comment: {text!r}")
@@ -101,9 +102,12 @@ def _scalar(text: str) -> Any:
 def test_yaml_subset_reader() -> None:
     doc = load_yaml(
         'a:\n  b: 1\n  c: "x: y"\n  d: [1, "two"]\n  e:\n    - p\n    - q: 1\n      r: s\n'
-        "  f:\n  - z\n# note\ng: {}\n")
-    assert doc == {"a": {"b": 1, "c": "x: y", "d": [1, "two"], "e": ["p", {"q": 1, "r": "s"}],
-                         "f": ["z"]}, "g": {}}
+        "  f:\n  - z\n# note\ng: {}\n"
+    )
+    assert doc == {
+        "a": {"b": 1, "c": "x: y", "d": [1, "two"], "e": ["p", {"q": 1, "r": "s"}], "f": ["z"]},
+        "g": {},
+    }
     with pytest.raises(ValueError):
         load_yaml("a: 1 # comment\n")
 
@@ -183,8 +187,12 @@ def test_procfile_commands_exist() -> None:
 
 def test_no_file_uses_the_default_redis_port() -> None:
     """Deploy files must never collide with a Redis already on 6379."""
-    for path in (ROOT / "compose.yaml", ROOT / "Procfile", ROOT / "Dockerfile",
-                 DEPLOY / "prometheus.yml"):
+    for path in (
+        ROOT / "compose.yaml",
+        ROOT / "Procfile",
+        ROOT / "Dockerfile",
+        DEPLOY / "prometheus.yml",
+    ):
         assert "6379" not in path.read_text(), path
 
 
@@ -193,7 +201,8 @@ def test_dockerfile_installs_every_package() -> None:
     assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
     assert "pip install ." in text
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"]["find"]["include"]
+        "packages"
+    ]["find"]["include"]
     packages = [p.rstrip("*") for p in patterns]
     assert packages, "pyproject names no packages"
     for package in packages:
@@ -208,9 +217,11 @@ def exported_names() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for family in metrics.REGISTRY.collect():
         labels = set(_labelnames(family.name))
-        suffixes = {"counter": ("_total", "_created"),
-                    "histogram": ("_bucket", "_count", "_sum", "_created"),
-                    "gauge": ("",)}[family.type]
+        suffixes = {
+            "counter": ("_total", "_created"),
+            "histogram": ("_bucket", "_count", "_sum", "_created"),
+            "gauge": ("",),
+        }[family.type]
         for suffix in suffixes:
             out[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     return out
@@ -257,9 +268,16 @@ def test_every_dashboard_query_names_exported_metrics(dashboard: dict[str, Any])
 
 def test_dashboard_covers_the_issue(dashboard: dict[str, Any]) -> None:
     text = json.dumps(dashboard)
-    for metric in ("tierpool_pods", "tierpool_free_capacity", "tierpool_pool_target",
-                   "tierpool_request_duration_seconds_bucket", "tierpool_stream_lag",
-                   "tierpool_stream_pending", "tierpool_leader", "tierpool_active_calls"):
+    for metric in (
+        "tierpool_pods",
+        "tierpool_free_capacity",
+        "tierpool_pool_target",
+        "tierpool_request_duration_seconds_bucket",
+        "tierpool_stream_lag",
+        "tierpool_stream_pending",
+        "tierpool_leader",
+        "tierpool_active_calls",
+    ):
         assert metric in text, metric
     ids = [p["id"] for p in _panels(dashboard["panels"])]
     assert len(ids) == len(set(ids))
@@ -271,12 +289,14 @@ def test_grafana_provisioning_matches_the_dashboard(
     prov = DEPLOY / "grafana" / "provisioning"
     (source,) = load_yaml((prov / "datasources" / "prometheus.yml").read_text())["datasources"]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
-    uids = {t["datasource"]["uid"] for p in _panels(dashboard["panels"])
-            for t in p.get("targets", [])}
+    uids = {
+        t["datasource"]["uid"] for p in _panels(dashboard["panels"]) for t in p.get("targets", [])
+    }
     assert uids == {source["uid"]}
     (provider,) = load_yaml((prov / "dashboards" / "tierpool.yml").read_text())["providers"]
     mounts = compose["services"]["grafana"]["volumes"]
     dash_mount = next(m for m in mounts if m.startswith("./deploy/grafana/dashboard.json:"))
     assert dash_mount.split(":")[1].startswith(provider["options"]["path"] + "/")
-    assert any(m.startswith("./deploy/grafana/provisioning:/etc/grafana/provisioning")
-               for m in mounts)
+    assert any(
+        m.startswith("./deploy/grafana/provisioning:/etc/grafana/provisioning") for m in mounts
+    )

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.durations import MAX_NS, format_duration, parse_duration, parse_duration_ns
+from tierpool.core.durations import MAX_NS, format_duration, parse_duration, parse_duration_ns
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from core.keys import Keys
 from tests.conftest import ROOT
-from workers.embedded import LoadStats, percentile, progress_line
-from workers.gauges import ClusterView, PoolGauges
+from tierpool.core.keys import Keys
+from tierpool.workers.embedded import LoadStats, percentile, progress_line
+from tierpool.workers.gauges import ClusterView, PoolGauges
 
 
 def _gone(pid: int) -> bool:
@@ -34,11 +34,19 @@ def _port_closed(port: int) -> bool:
 
 @pytest.mark.slow
 def test_run_without_redis_url_shows_allocations_and_cleans_up(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if k != "REDIS_URL" and not k.startswith("TIERPOOL_") and k != "METRICS_PORT"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "REDIS_URL" and not k.startswith("TIERPOOL_") and k != "METRICS_PORT"
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "run", "--duration", "8"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "tierpool", "run", "--duration", "8"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     out = done.stdout
     assert done.returncode == 0, f"{out}\n{done.stderr}"
 
@@ -64,8 +72,13 @@ def test_run_without_redis_server_says_how_to_install(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["PATH"] = str(tmp_path)  # no redis-server here
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "run", "--duration", "1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        [sys.executable, "-m", "tierpool", "run", "--duration", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert "./scripts/install-redis" in done.stderr
 
@@ -78,9 +91,15 @@ def test_progress_line() -> None:
     window = stats.take_window()
     assert stats.take_window() == (0, 0, [])
     view = ClusterView(
-        now_ms=0, pools={"gold": PoolGauges(pods=3, free=1, full=2), "spare": PoolGauges()},
-        unassigned=0, active_calls=2, gauges_at_ms=0, leader="host-1-abc:4", workers=[],
-        streams=[])
+        now_ms=0,
+        pools={"gold": PoolGauges(pods=3, free=1, full=2), "spare": PoolGauges()},
+        unassigned=0,
+        active_calls=2,
+        gauges_at_ms=0,
+        leader="host-1-abc:4",
+        workers=[],
+        streams=[],
+    )
     line = progress_line(2.0, 1.0, window, view)
     assert "4.0 alloc/s" in line and "1.0 rejected/s" in line
     assert "p50   3.0ms" in line and "p99 100.0ms" in line
@@ -95,13 +114,31 @@ def test_run_uses_redis_url_when_set(redis_url: str) -> None:
     """With REDIS_URL, ``tierpool run`` starts no Redis of its own and works on that one."""
     import redis
 
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("TIERPOOL_") and k != "METRICS_PORT"}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("TIERPOOL_") and k != "METRICS_PORT"
+    }
     env.update(REDIS_URL=redis_url, TIERPOOL_NAMESPACE="emb")
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "run", "--duration", "2", "--workers", "1",
-         "--pods", "2", "--callers", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "tierpool",
+            "run",
+            "--duration",
+            "2",
+            "--workers",
+            "1",
+            "--pods",
+            "2",
+            "--callers",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "using REDIS_URL=" in done.stdout and "private Redis" not in done.stdout
     with redis.Redis.from_url(redis_url, decode_responses=True) as r:

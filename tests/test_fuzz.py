@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from core.errors import InvalidMessage
 from tests.conftest import wait_for
 from tests.procs import KEYS, WorkerPool, replies, send, settled
-from workers.streams import stream_kinds
+from tierpool.core.errors import InvalidMessage
+from tierpool.workers.streams import stream_kinds
 
 pytestmark = pytest.mark.anyio
 
@@ -63,9 +63,21 @@ def _bad_candidate(rng: random.Random, i: int) -> tuple[str, Raw]:
     elif shape == 1:  # the right fields with the wrong types or values
         stream = KEYS.request_stream("allocate")
         f["call_id"] = rng.choice(["has space", "x" * 129, "tab\there", f"ok{i}"])
-        f[rng.choice(["min_capability", "chain", "zone", "tier_mode", "deadline_ms"])] = (
-            rng.choice(["seven", "0", "6", "-1", "1.5", "not json", "[1, 2]", "{}", "moon",
-                        '["a", "a"]', "1e3"]))
+        f[rng.choice(["min_capability", "chain", "zone", "tier_mode", "deadline_ms"])] = rng.choice(
+            [
+                "seven",
+                "0",
+                "6",
+                "-1",
+                "1.5",
+                "not json",
+                "[1, 2]",
+                "{}",
+                "moon",
+                '["a", "a"]',
+                "1e3",
+            ]
+        )
     elif shape == 2:  # huge values
         f["call_id" if rng.random() < 0.5 else "reason"] = "a" * rng.randint(17_000, 100_000)
         f["pod_id"] = "p0"
@@ -83,14 +95,17 @@ def _bad_candidate(rng: random.Random, i: int) -> tuple[str, Raw]:
         f = {b"": b""}
     elif shape == 6:  # configs that are not configs
         stream = KEYS.request_stream("config")
-        f["config"] = rng.choice(["not json", "[1]", '{"gold": {"type": "weird"}}',
-                                  '{"gold": {"target": -3}}', "{" * 50])
+        f["config"] = rng.choice(
+            ["not json", "[1]", '{"gold": {"type": "weird"}}', '{"gold": {"target": -3}}', "{" * 50]
+        )
     else:  # a drain that is not a drain
         stream = KEYS.request_stream("drain")
         f["pod_id"] = rng.choice(["p0", "p 0", ""])
         f["action"] = rng.choice(["explode", "DRAIN", "undrain!"])
-    raw = {(k if isinstance(k, bytes) else k.encode()): (v if isinstance(v, bytes) else v.encode())
-           for k, v in f.items()}
+    raw = {
+        (k if isinstance(k, bytes) else k.encode()): (v if isinstance(v, bytes) else v.encode())
+        for k, v in f.items()
+    }
     return stream, raw
 
 
@@ -101,7 +116,7 @@ def _as_seen(raw: Raw) -> dict[str, str]:
 
 def _judge(stream: str, raw: Raw) -> tuple[bool, str | None]:
     """(whether the schemas refuse it, the request_id its invalid reply goes to)."""
-    from schemas import decode_pod_event, decode_request
+    from tierpool.schemas import decode_pod_event, decode_request
 
     fields = _as_seen(raw)
     kind = KINDS[stream]
@@ -120,8 +135,16 @@ async def test_malformed_entries_are_dead_lettered_and_valid_traffic_is_served(
 ) -> None:
     workers = await pool.start(r, 2)
     for p in range(4):
-        await send(r, KEYS.pods_stream, {"request_id": f"reg{p}", "event": "register",
-                                         "pod_id": f"p{p}", "endpoint": f"http://p{p}:80"})
+        await send(
+            r,
+            KEYS.pods_stream,
+            {
+                "request_id": f"reg{p}",
+                "event": "register",
+                "pod_id": f"p{p}",
+                "endpoint": f"http://p{p}:80",
+            },
+        )
     await replies(r, [f"reg{p}" for p in range(4)])
     rng = random.Random(SEED)
     raw_client = Redis.from_url(redis_url, decode_responses=False)
@@ -139,12 +162,13 @@ async def test_malformed_entries_are_dead_lettered_and_valid_traffic_is_served(
         call = f"g{i // 2}"
         stream = KEYS.request_stream("release" if i % 2 else "allocate")
         at = rng.randrange(len(plan) + 1)
-        plan.insert(at, (stream, {b"request_id": f"g{i}".encode(), b"call_id": call.encode()},
-                         "GOOD"))
+        plan.insert(
+            at, (stream, {b"request_id": f"g{i}".encode(), b"call_id": call.encode()}, "GOOD")
+        )
         good.append(f"g{i}")
     try:
         for start in range(0, len(plan), 200):
-            chunk = plan[start:start + 200]
+            chunk = plan[start : start + 200]
             async with raw_client.pipeline(transaction=False) as pipe:
                 for stream, raw, _ in chunk:
                     pipe.xadd(stream, raw)  # type: ignore[arg-type]
@@ -171,5 +195,7 @@ async def test_malformed_entries_are_dead_lettered_and_valid_traffic_is_served(
     for key, rid in bad.items():
         assert dead[key]["error"], key
         assert dead[key]["request_id"] == (rid or "")
-    print(f"{len(bad)} bad entries dead-lettered ({len(answered)} answered), "
-          f"{len(good)} valid requests served, from {made} candidates")
+    print(
+        f"{len(bad)} bad entries dead-lettered ({len(answered)} answered), "
+        f"{len(good)} valid requests served, from {made} candidates"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from core.redisproc import RedisProcess
+from tierpool.workers.redisproc import RedisProcess
 
 
 @pytest.mark.anyio

@@ -19,28 +19,32 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from core import metrics
-from core.configcache import ConfigCache
-from core.leader import Election, Leadership, parse_token
-from core.reconcile import publish_gauges, reap, reconcile
-from core.redisconn import connect
-from core.redisproc import RedisProcess
-from core.scripts import script
-from core.settings import Settings
-from core.state import PoolState
-from schemas import ConfigRequest
 from tests.conftest import wait_for
 from tests.statekit import KEYS, Ops, make_state
 from tests.test_reconcile import T0, dump
-from workers.context import WorkerContext
-from workers.leader import gauges_once, reconcile_once, run_leader
+from tierpool.core.configcache import ConfigCache
+from tierpool.core.leader import Election, Leadership, parse_token
+from tierpool.core.reconcile import publish_gauges, reap, reconcile
+from tierpool.core.redisconn import connect
+from tierpool.core.scripts import script
+from tierpool.core.settings import Settings
+from tierpool.core.state import PoolState
+from tierpool.schemas import ConfigRequest
+from tierpool.workers import metrics
+from tierpool.workers.context import WorkerContext
+from tierpool.workers.leader import gauges_once, reconcile_once, run_leader
+from tierpool.workers.redisproc import RedisProcess
 
 pytestmark = pytest.mark.anyio
 
 LEASE_MS = 600
 RENEW_S = 0.15
-FAST_ENV = {"TIERPOOL_LEADER_LEASE": f"{LEASE_MS}ms", "TIERPOOL_LEADER_RENEW": f"{RENEW_S}s",
-            "CLEANUP_INTERVAL": "200ms", "RECONCILE_INTERVAL": "200ms"}
+FAST_ENV = {
+    "TIERPOOL_LEADER_LEASE": f"{LEASE_MS}ms",
+    "TIERPOOL_LEADER_RENEW": f"{RENEW_S}s",
+    "CLEANUP_INTERVAL": "200ms",
+    "RECONCILE_INTERVAL": "200ms",
+}
 
 
 @pytest.fixture
@@ -58,8 +62,13 @@ async def clients(redis_url: str) -> AsyncIterator[Callable[[], Redis]]:
         await client.aclose()
 
 
-def election(client: Redis, holder: str, lease_ms: int = LEASE_MS,
-             renew_s: float = RENEW_S, retry_s: float = 0.1) -> Election:
+def election(
+    client: Redis,
+    holder: str,
+    lease_ms: int = LEASE_MS,
+    renew_s: float = RENEW_S,
+    retry_s: float = 0.1,
+) -> Election:
     return Election(client, KEYS, holder, lease_ms, renew_s, retry_s=retry_s)
 
 
@@ -69,16 +78,19 @@ async def forever(term: Leadership) -> None:
 
 def cond(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     """``check`` as the async predicate ``wait_for`` polls."""
+
     async def predicate() -> bool:
         return check()
+
     return predicate
 
 
 def make_ctx(client: Redis, worker_id: str, tier_config: str, **env: str) -> WorkerContext:
     settings = Settings.from_env({**FAST_ENV, "TIER_CONFIG": tier_config, **env})
     cache = ConfigCache(client, KEYS, settings)
-    return WorkerContext(settings, KEYS, client, cache, PoolState(client, KEYS, settings, cache),
-                         worker_id)
+    return WorkerContext(
+        settings, KEYS, client, cache, PoolState(client, KEYS, settings, cache), worker_id
+    )
 
 
 # --- election -----------------------------------------------------------------------
@@ -97,6 +109,7 @@ async def test_only_one_candidate_leads_at_a_time(clients: Callable[[], Redis]) 
                 await anyio.sleep_forever()
             finally:
                 active.remove(name)
+
         return lead
 
     cands = [election(clients(), f"c{i}") for i in range(3)]
@@ -109,6 +122,7 @@ async def test_only_one_candidate_leads_at_a_time(clients: Callable[[], Redis]) 
             async def run(c: Election = c, scope: anyio.CancelScope = scope) -> None:
                 with scope:
                     await c.run(body(c.holder_id))
+
             tg.start_soon(run)
         for handover in range(3):  # stop the leader twice: each time exactly one other wins
             await wait_for(cond(lambda n=handover: len(terms) == n + 1), 3)
@@ -137,7 +151,8 @@ async def test_renewal_keeps_the_lease_and_the_term(clients: Callable[[], Redis]
 
 
 async def test_paused_holder_is_fenced_before_and_after_a_new_leader(
-        r: Redis, clients: Callable[[], Redis]) -> None:
+    r: Redis, clients: Callable[[], Redis]
+) -> None:
     """Guards fencing (Kleppmann 2016): a holder that stopped renewing can change nothing."""
     state = await make_state(r, {"gold": {"target": 2}}, env={"LEASE_TTL": "60s"})
     ops = Ops(state)
@@ -171,7 +186,8 @@ async def _exists_not(r: Redis, key: str) -> bool:
 
 
 async def test_clean_release_hands_over_without_waiting_for_the_lease(
-        clients: Callable[[], Redis]) -> None:
+    clients: Callable[[], Redis],
+) -> None:
     first = election(clients(), "first", lease_ms=2000, renew_s=0.5)
     second = election(clients(), "second", lease_ms=2000, renew_s=0.5, retry_s=0.5)
     async with anyio.create_task_group() as tg:
@@ -180,6 +196,7 @@ async def test_clean_release_hands_over_without_waiting_for_the_lease(
         async def run_first() -> None:
             with scope:
                 await first.run(forever)
+
         tg.start_soon(run_first)
         await wait_for(cond(lambda: first.is_leader), 2)
         tg.start_soon(second.run, forever)
@@ -195,7 +212,8 @@ async def test_clean_release_hands_over_without_waiting_for_the_lease(
 
 
 async def test_losing_the_lease_cancels_lead_and_campaigns_again(
-        r: Redis, clients: Callable[[], Redis]) -> None:
+    r: Redis, clients: Callable[[], Redis]
+) -> None:
     started: list[str] = []
     cancelled: list[str] = []
 
@@ -214,8 +232,10 @@ async def test_losing_the_lease_cancels_lead_and_campaigns_again(
         await r.set(KEYS.leader, "intruder:99", px=800)  # e.g. a flush and another winner
         lost_at = anyio.current_time()
         await wait_for(cond(lambda: len(cancelled) == 1), 1)
-        print(f"\nlead cancelled {1000 * (anyio.current_time() - lost_at):.0f} ms after "
-              "the lease was taken")
+        print(
+            f"\nlead cancelled {1000 * (anyio.current_time() - lost_at):.0f} ms after "
+            "the lease was taken"
+        )
         assert not e.is_leader
         await wait_for(cond(lambda: len(started) == 2), 3)  # the same task leads again
         assert parse_token(started[1]) == ("me", 2)
@@ -243,7 +263,8 @@ async def test_a_fenced_answer_ends_the_term(r: Redis, clients: Callable[[], Red
 
 # --- the leader role ------------------------------------------------------------------
 async def test_run_leader_repairs_publishes_gauges_and_releases_on_stop(
-        r: Redis, clients: Callable[[], Redis]) -> None:
+    r: Redis, clients: Callable[[], Redis]
+) -> None:
     state = await make_state(r, {"old": {"target": 5}})
     ops = Ops(state)
     for i in range(3):
@@ -326,6 +347,7 @@ class Faults:
                 if raise_on_error and errors:
                     raise errors[0]
                 return results
+
             pipe.execute = execute
             return pipe
 
@@ -335,29 +357,50 @@ class Faults:
 
 async def _storm_state(r: Redis) -> PoolState:
     """A fixed point with traps: every pod a faulty read could make look movable or dead."""
-    state = await make_state(r, {"tiers": {"gold": {"target": 3}, "standard": {"target": 0}},
-                                 "default_chain": ["gold", "standard"]})
+    state = await make_state(
+        r,
+        {
+            "tiers": {"gold": {"target": 3}, "standard": {"target": 0}},
+            "default_chain": ["gold", "standard"],
+        },
+    )
     ops = Ops(state)
     await ops.register("g0")
-    await state.apply(ConfigRequest(request_id="c", config=(
-        '{"tiers": {"gold": {"target": 0}, "standard": {"target": 3}},'
-        ' "default_chain": ["gold", "standard"]}')))
+    await state.apply(
+        ConfigRequest(
+            request_id="c",
+            config=(
+                '{"tiers": {"gold": {"target": 0}, "standard": {"target": 3}},'
+                ' "default_chain": ["gold", "standard"]}'
+            ),
+        )
+    )
     await state.source.refresh()
     await ops.register("busy")
     await ops.register("draining")
     await ops.allocate("c1", chain=("standard",))
     await ops.drain("draining")
-    await state.apply(ConfigRequest(request_id="d", config=(
-        '{"tiers": {"gold": {"target": 3}, "standard": {"target": 0}},'
-        ' "default_chain": ["gold", "standard"]}')))
+    await state.apply(
+        ConfigRequest(
+            request_id="d",
+            config=(
+                '{"tiers": {"gold": {"target": 3}, "standard": {"target": 0}},'
+                ' "default_chain": ["gold", "standard"]}'
+            ),
+        )
+    )
     await state.source.refresh()
-    assert await r.hgetall(KEYS.pod_pool) == {"g0": "gold", "busy": "standard",
-                                              "draining": "standard"}
+    assert await r.hgetall(KEYS.pod_pool) == {
+        "g0": "gold",
+        "busy": "standard",
+        "draining": "standard",
+    }
     return state
 
 
 async def test_failed_reads_are_never_taken_for_missing(
-        r: Redis, clients: Callable[[], Redis]) -> None:
+    r: Redis, clients: Callable[[], Redis]
+) -> None:
     """Guards the anchor's zombie storm (§9, C2): a read error must not read as "missing".
 
     With loads, liveness and drain marks unreadable, a planner that took the
@@ -388,7 +431,8 @@ async def test_failed_reads_are_never_taken_for_missing(
 
 
 async def test_leader_loops_under_connection_errors_change_nothing_wrongly(
-        r: Redis, clients: Callable[[], Redis]) -> None:
+    r: Redis, clients: Callable[[], Redis]
+) -> None:
     """A third of the leader's round trips fail for seconds: no pod, lease or mark is lost."""
     await _storm_state(r)
     before = await dump(r)
@@ -403,16 +447,26 @@ async def test_leader_loops_under_connection_errors_change_nothing_wrongly(
     errors_before = errors("reconcile") + errors("reap")
     async with anyio.create_task_group() as tg:
         await tg.start(run_leader, ctx)
-        await wait_for(cond(lambda: faults.scripts.count(reap_sha) >= 5
-                            and errors("reconcile") + errors("reap") - errors_before >= 4), 15)
+        await wait_for(
+            cond(
+                lambda: (
+                    faults.scripts.count(reap_sha) >= 5
+                    and errors("reconcile") + errors("reap") - errors_before >= 4
+                )
+            ),
+            15,
+        )
         tg.cancel_scope.cancel()
     assert await dump(r) == before
-    print(f"\n{faults.raised} injected errors over {faults.pipelines} round trips, "
-          f"{faults.scripts.count(reap_sha)} reaps run: state unchanged")
+    print(
+        f"\n{faults.raised} injected errors over {faults.pipelines} round trips, "
+        f"{faults.scripts.count(reap_sha)} reaps run: state unchanged"
+    )
 
 
 async def test_leader_survives_redis_losing_its_data(
-        redis_server: RedisProcess, redis_url: str, clients: Callable[[], Redis]) -> None:
+    redis_server: RedisProcess, redis_url: str, clients: Callable[[], Redis]
+) -> None:
     """Redis down past the lease: the term ends at once; after a restart without
     persistence (term counter gone) the same process wins term 1 and repairs again."""
     cfg = '{"gold": {"target": 1}}'
@@ -436,7 +490,9 @@ async def test_leader_survives_redis_losing_its_data(
         await Ops(PoolState(check, KEYS, ctx.settings, ctx.cache)).register("p0")
         await wait_for(lambda: _gold_pods(check, 1), 4)
         tg.cancel_scope.cancel()
-    print(f"\nRedis down: leadership dropped after {lost_after * 1000:.0f} ms "
-          f"(lease {LEASE_MS} ms); leading again {back_after * 1000:.0f} ms after the restart "
-          "began")
+    print(
+        f"\nRedis down: leadership dropped after {lost_after * 1000:.0f} ms "
+        f"(lease {LEASE_MS} ms); leading again {back_after * 1000:.0f} ms after the restart "
+        "began"
+    )
     assert lost_after <= LEASE_MS / 1000 + 0.1

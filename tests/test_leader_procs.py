@@ -1,6 +1,6 @@
 """The leader across real worker processes: kill -9, SIGSTOP/SIGCONT, FLUSHALL.
 
-Workers run as ``python -m workers`` (``tests/procs.py``) with the default
+Workers run as ``python -m tierpool.workers`` (``tests/procs.py``) with the default
 leader timings (lease 2 s, renewed every 0.5 s). Times are measured from the
 fault to the condition and printed, so a run shows the figures.
 """
@@ -17,16 +17,16 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.client import TierpoolClient
-from core.errors import RequestTimeout
-from core.leader import parse_token
-from core.podagent import PodAgent
-from core.settings import Settings
-from core.state import PoolState
 from tests.conftest import wait_for
 from tests.procs import KEYS, NAMESPACE, WorkerPool, WorkerProc
 from tests.statekit import Ops, RedisSource
 from tests.test_reconcile import dump
+from tierpool.client.client import TierpoolClient
+from tierpool.client.podagent import PodAgent
+from tierpool.core.errors import RequestTimeout
+from tierpool.core.leader import parse_token
+from tierpool.core.settings import Settings
+from tierpool.core.state import PoolState
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -39,8 +39,9 @@ async def holder(r: Redis) -> str | None:
     return parse_token(token)[0] if token else None
 
 
-async def wait_leader(r: Redis, procs: Sequence[WorkerProc], *, not_: str | None = None,
-                      timeout_s: float = 10.0) -> WorkerProc:
+async def wait_leader(
+    r: Redis, procs: Sequence[WorkerProc], *, not_: str | None = None, timeout_s: float = 10.0
+) -> WorkerProc:
     """The process holding the lease, once one (other than ``not_``) does."""
     with anyio.fail_after(timeout_s):
         while True:
@@ -52,8 +53,9 @@ async def wait_leader(r: Redis, procs: Sequence[WorkerProc], *, not_: str | None
             await anyio.sleep(0.01)
 
 
-async def test_kill_9_of_the_leader_fails_over_within_3s(r: Redis, redis_url: str,
-                                                         tmp_path: Path) -> None:
+async def test_kill_9_of_the_leader_fails_over_within_3s(
+    r: Redis, redis_url: str, tmp_path: Path
+) -> None:
     with WorkerPool(redis_url, tmp_path, env={"TIER_CONFIG": TIER_CONFIG}) as pool:
         procs = await pool.start(r, 3)
         times: list[float] = []
@@ -67,13 +69,14 @@ async def test_kill_9_of_the_leader_fails_over_within_3s(r: Redis, redis_url: st
             assert successor.alive()
             leader.wait()
             procs = [p for p in procs if p.alive()] + await pool.start(r, 1)
-        print(f"\nfailover after kill -9 (lease 2 s): {', '.join(f'{t:.2f}s' for t in times)}; "
-              f"max {max(times):.2f}s")
+        print(
+            f"\nfailover after kill -9 (lease 2 s): {', '.join(f'{t:.2f}s' for t in times)}; "
+            f"max {max(times):.2f}s"
+        )
         assert max(times) <= FAILOVER_TARGET_S
 
 
-async def test_resumed_old_leader_changes_nothing(r: Redis, redis_url: str,
-                                                  tmp_path: Path) -> None:
+async def test_resumed_old_leader_changes_nothing(r: Redis, redis_url: str, tmp_path: Path) -> None:
     """An old leader resumed after SIGSTOP finds its term over and touches nothing.
 
     The old leader reaps every 500 ms, the new one only at takeover, so work
@@ -81,8 +84,7 @@ async def test_resumed_old_leader_changes_nothing(r: Redis, redis_url: str,
     the resumed old leader would do at once, were it not stopped by its own
     clock or by the fencing token.
     """
-    eager = {"TIER_CONFIG": TIER_CONFIG, "CLEANUP_INTERVAL": "500ms",
-             "RECONCILE_INTERVAL": "500ms"}
+    eager = {"TIER_CONFIG": TIER_CONFIG, "CLEANUP_INTERVAL": "500ms", "RECONCILE_INTERVAL": "500ms"}
     lazy = {"CLEANUP_INTERVAL": "10m", "RECONCILE_INTERVAL": "10m"}
     with WorkerPool(redis_url, tmp_path, env=eager) as pool:
         [old] = await pool.start(r, 1)
@@ -108,8 +110,9 @@ async def test_resumed_old_leader_changes_nothing(r: Redis, redis_url: str,
         finally:
             old.send_signal(signal.SIGCONT)
         await wait_for(lambda: _logged(old, f"term {old_token} over"), 5)
-        ended = next(line for line in old.log_text().splitlines()
-                     if f"term {old_token} over" in line)
+        ended = next(
+            line for line in old.log_text().splitlines() if f"term {old_token} over" in line
+        )
         reason = ended.split(" over: ")[-1].split(" worker_id=")[0].strip()
         await anyio.sleep(0.5)  # let anything the old leader had queued land, if it could
         assert await dump(r) == before
@@ -119,20 +122,23 @@ async def test_resumed_old_leader_changes_nothing(r: Redis, redis_url: str,
         assert gauges_token is not None and gauges_token != old_token
         assert await holder(r) == new.worker_id
         assert old.alive()  # it lost a term, not its life: it campaigns again
-        print(f"\nnew leader {takeover:.2f}s after SIGSTOP; the resumed one stepped down: "
-              f"{reason}")
+        print(f"\nnew leader {takeover:.2f}s after SIGSTOP; the resumed one stepped down: {reason}")
 
 
 async def test_flushall_while_pods_heartbeat_recovers_within_two_heartbeats(
-        r: Redis, redis_url: str, tmp_path: Path) -> None:
+    r: Redis, redis_url: str, tmp_path: Path
+) -> None:
     heartbeat_s = 1.0
     with WorkerPool(redis_url, tmp_path, env={"TIER_CONFIG": TIER_CONFIG}) as pool:
         procs = await pool.start(r, 2)
         await wait_leader(r, procs)
-        async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE,
-                                           default_timeout_s=1.0) as client:
-            agents = [PodAgent(client, f"pod{i}", f"http://pod{i}:8080",
-                               heartbeat_s=heartbeat_s) for i in range(4)]
+        async with TierpoolClient.from_url(
+            redis_url, namespace=NAMESPACE, default_timeout_s=1.0
+        ) as client:
+            agents = [
+                PodAgent(client, f"pod{i}", f"http://pod{i}:8080", heartbeat_s=heartbeat_s)
+                for i in range(4)
+            ]
             async with anyio.create_task_group() as tg:
                 for agent in agents:
                     await tg.start(agent.run)
@@ -146,14 +152,21 @@ async def test_flushall_while_pods_heartbeat_recovers_within_two_heartbeats(
                     watch.start_soon(_note, seen, "allocated", flushed_at, _allocates, client)
                 assert all(a.registrations == 2 for a in agents)
                 tg.cancel_scope.cancel()
-    print(f"\nafter FLUSHALL (heartbeat {heartbeat_s:.0f}s): allocations succeed again after "
-          f"{seen['allocated']:.2f}s, a leader again after {seen['leader']:.2f}s, "
-          f"the leader's gauges show every pod after {seen['gauges']:.2f}s")
+    print(
+        f"\nafter FLUSHALL (heartbeat {heartbeat_s:.0f}s): allocations succeed again after "
+        f"{seen['allocated']:.2f}s, a leader again after {seen['leader']:.2f}s, "
+        f"the leader's gauges show every pod after {seen['gauges']:.2f}s"
+    )
     assert seen["allocated"] <= 2 * heartbeat_s
 
 
-async def _note(seen: dict[str, float], name: str, since: float,
-                check: Callable[..., Awaitable[bool]], *args: object) -> None:
+async def _note(
+    seen: dict[str, float],
+    name: str,
+    since: float,
+    check: Callable[..., Awaitable[bool]],
+    *args: object,
+) -> None:
     """Record in ``seen[name]`` how long after ``since`` ``check`` first held."""
     await wait_for(lambda: check(*args), 10, interval_s=0.01)
     seen[name] = time.monotonic() - since

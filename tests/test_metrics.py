@@ -14,19 +14,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from core import metrics
-from core.client import TierpoolClient
-from core.keys import Keys
-from core.redisconn import connect
-from core.redisproc import RedisProcess, free_port
-from core.settings import Settings
-from core.tierconfig import parse_tier_config
-from schemas import PodRegister
 from tests.conftest import wait_for
 from tests.procs import WorkerPool
-from workers import http
-from workers.context import WorkerContext
-from workers.gauges import ClusterView, GaugeExporter, PoolGauges, StreamInfo, read_view
+from tierpool.client.client import TierpoolClient
+from tierpool.core.keys import Keys
+from tierpool.core.redisconn import connect
+from tierpool.core.settings import Settings
+from tierpool.core.tierconfig import parse_tier_config
+from tierpool.schemas import PodRegister
+from tierpool.workers import http, metrics
+from tierpool.workers.context import WorkerContext
+from tierpool.workers.gauges import ClusterView, GaugeExporter, PoolGauges, StreamInfo, read_view
+from tierpool.workers.redisproc import RedisProcess, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -105,9 +104,10 @@ async def test_endpoints(ctx: WorkerContext) -> None:
         head, _, body = raw.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
         assert f"Content-Type: {CONTENT_TYPE_LATEST}".encode() in head
-        assert ("tierpool_requests_total", frozenset({("kind", "allocate"),
-                                                      ("outcome", "allocated")})) in parse(
-            body.decode())
+        assert (
+            "tierpool_requests_total",
+            frozenset({("kind", "allocate"), ("outcome", "allocated")}),
+        ) in parse(body.decode())
 
         assert (await http.get("127.0.0.1", port, "/nope"))[0] == 404
         raw = await _raw(port, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -128,7 +128,8 @@ async def test_readyz_follows_redis_in_process() -> None:
     try:
         async with anyio.create_task_group() as tg:
             port = await tg.start(
-                lambda task_status: http.serve(context, port=0, task_status=task_status))
+                lambda task_status: http.serve(context, port=0, task_status=task_status)
+            )
 
             async def status_is(code: int) -> bool:
                 return (await http.get("127.0.0.1", port, "/readyz", timeout_s=5))[0] == code
@@ -164,24 +165,48 @@ async def test_read_view_of_an_empty_namespace(r: Redis) -> None:
     assert view.pools == {} and view.leader is None and view.gauges_at_ms is None
     assert view.config_raw is None and view.config_version == 0
     assert {s.label for s in view.streams} == {
-        "allocate", "release", "drain", "config", "pods", "events", "dead"}
+        "allocate",
+        "release",
+        "drain",
+        "config",
+        "pods",
+        "events",
+        "dead",
+    }
     assert all(s.length == 0 and not s.consumed for s in view.streams)
 
 
-def _view(pools: Mapping[str, PoolGauges], lag: int | None, *, now_ms: int = 0,
-          gauges_at_ms: int | None = 0) -> ClusterView:
+def _view(
+    pools: Mapping[str, PoolGauges],
+    lag: int | None,
+    *,
+    now_ms: int = 0,
+    gauges_at_ms: int | None = 0,
+) -> ClusterView:
     return ClusterView(
-        now_ms=now_ms, pools=dict(pools), unassigned=1, active_calls=3,
+        now_ms=now_ms,
+        pools=dict(pools),
+        unassigned=1,
+        active_calls=3,
         gauges_at_ms=gauges_at_ms,
-        leader=None, workers=[],
-        streams=[StreamInfo("allocate", "k", 10, consumed=True, lag=lag, pending=2)])
+        leader=None,
+        workers=[],
+        streams=[StreamInfo("allocate", "k", 10, consumed=True, lag=lag, pending=2)],
+    )
 
 
 @pytest.fixture
 def clean_gauges() -> Iterator[None]:
     yield
-    for g in (metrics.pods, metrics.free_capacity, metrics.pool_calls, metrics.pool_target,
-              metrics.stream_lag, metrics.stream_pending, metrics.stream_length):
+    for g in (
+        metrics.pods,
+        metrics.free_capacity,
+        metrics.pool_calls,
+        metrics.pool_target,
+        metrics.stream_lag,
+        metrics.stream_pending,
+        metrics.stream_length,
+    ):
         g.clear()
 
 
@@ -189,9 +214,17 @@ def clean_gauges() -> Iterator[None]:
 def test_exporter_copies_and_forgets_pools() -> None:
     exporter = GaugeExporter()
     both = parse_tier_config('{"a": 2, "b": {"type": "shared", "target": 1}}', version=4)
-    exporter.apply(_view({"a": PoolGauges(pods=2, free=1, full=1, free_capacity=1, calls=1),
-                          "b": PoolGauges(pods=1, busy=1, free_capacity=3, calls=2)}, lag=5),
-                   both, is_leader=True)
+    exporter.apply(
+        _view(
+            {
+                "a": PoolGauges(pods=2, free=1, full=1, free_capacity=1, calls=1),
+                "b": PoolGauges(pods=1, busy=1, free_capacity=3, calls=2),
+            },
+            lag=5,
+        ),
+        both,
+        is_leader=True,
+    )
     samples = parse(metrics_text())
     assert value(samples, "tierpool_pods", pool="a", state="free") == 1
     assert value(samples, "tierpool_pods", pool="a", state="full") == 1
@@ -205,8 +238,9 @@ def test_exporter_copies_and_forgets_pools() -> None:
     assert value(samples, "tierpool_stream_lag", stream="allocate") == 5
 
     only_a = parse_tier_config('{"a": 2}', version=5)
-    exporter.apply(_view({"a": PoolGauges(pods=2, free=2, free_capacity=2)}, lag=None), only_a,
-                   is_leader=False)
+    exporter.apply(
+        _view({"a": PoolGauges(pods=2, free=2, free_capacity=2)}, lag=None), only_a, is_leader=False
+    )
     samples = parse(metrics_text())
     assert not any(dict(ls).get("pool") == "b" for (_n, ls) in samples)
     assert value(samples, "tierpool_leader") == 0
@@ -242,8 +276,9 @@ def pool(redis_url: str, tmp_path: Path) -> Iterator[WorkerPool]:
 
 async def _register(client: TierpoolClient, n: int) -> None:
     for i in range(n):
-        reply = await client.send_pod_event(PodRegister(
-            pod_id=f"pod-{i}", endpoint=f"http://10.0.0.{i}:8080"))
+        reply = await client.send_pod_event(
+            PodRegister(pod_id=f"pod-{i}", endpoint=f"http://10.0.0.{i}:8080")
+        )
         assert reply is not None and reply.status == "registered"
 
 
@@ -261,8 +296,7 @@ async def test_metrics_move_with_traffic(r: Redis, redis_url: str, pool: WorkerP
 
         async def gauges_show(pods: int, calls: int) -> bool:
             for s in await scrape_all():
-                if (total(s, "tierpool_pods") != pods
-                        or value(s, "tierpool_active_calls") != calls):
+                if total(s, "tierpool_pods") != pods or value(s, "tierpool_active_calls") != calls:
                     return False
             return True
 
@@ -279,8 +313,9 @@ async def test_metrics_move_with_traffic(r: Redis, redis_url: str, pool: WorkerP
         after = await scrape_all()
 
         def grew(name: str, **labels: str) -> float:
-            return (sum(total(s, name, **labels) for s in after)
-                    - sum(total(s, name, **labels) for s in before))
+            return sum(total(s, name, **labels) for s in after) - sum(
+                total(s, name, **labels) for s in before
+            )
 
         assert grew("tierpool_requests_total", kind="allocate", outcome="allocated") == 4
         assert grew("tierpool_request_duration_seconds_count", kind="allocate") == 4
@@ -294,8 +329,9 @@ async def test_metrics_move_with_traffic(r: Redis, redis_url: str, pool: WorkerP
             assert (await client.release(f"call-{i}")).status == "released"
         await wait_for(lambda: gauges_show(4, 0), timeout_s=20)
         done = await scrape_all()
-        released = (sum(total(s, "tierpool_requests_total", kind="release") for s in done)
-                    - sum(total(s, "tierpool_requests_total", kind="release") for s in before))
+        released = sum(total(s, "tierpool_requests_total", kind="release") for s in done) - sum(
+            total(s, "tierpool_requests_total", kind="release") for s in before
+        )
         assert released == 3
         for s in done:
             assert total(s, "tierpool_free_capacity") == 4

@@ -1,6 +1,6 @@
 """Operator commands against a live system: a worker subprocess, registered pods.
 
-Commands run in process (``workers.cli.main`` in a thread, output captured),
+Commands run in process (``tierpool.workers.cli.main`` in a thread, output captured),
 so each costs milliseconds; :func:`test_entry_point_exit_codes` runs the real
 ``tierpool`` entry point in subprocesses for the exit codes scripts rely on.
 """
@@ -20,12 +20,12 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.client import TierpoolClient
-from core.redisproc import free_port
-from schemas import PodRegister
 from tests.conftest import ROOT, wait_for
 from tests.procs import WorkerPool
-from workers.cli import main as cli_main
+from tierpool.client.client import TierpoolClient
+from tierpool.schemas import PodRegister
+from tierpool.workers.cli import main as cli_main
+from tierpool.workers.redisproc import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +57,10 @@ class Live:
 
 @pytest.fixture
 async def live(
-    r: Redis, redis_url: str, tmp_path: Path, env_clean: pytest.MonkeyPatch,
+    r: Redis,
+    redis_url: str,
+    tmp_path: Path,
+    env_clean: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> AsyncIterator[Live]:
     env_clean.setenv("POD_TTL", "60s")  # the CLI classifies pods with the workers' POD_TTL
@@ -66,7 +69,8 @@ async def live(
         async with TierpoolClient.from_url(redis_url, namespace=NS) as client:
             for i, pod in enumerate(PODS):
                 reply = await client.send_pod_event(
-                    PodRegister(pod_id=pod, endpoint=f"http://10.1.0.{i}:8080"))
+                    PodRegister(pod_id=pod, endpoint=f"http://10.1.0.{i}:8080")
+                )
                 assert reply is not None and reply.status == "registered"
             yield Live(redis_url, r, client, capsys, pool)
 
@@ -183,12 +187,22 @@ async def test_config_get_set_validate(live: Live, tmp_path: Path) -> None:
 async def test_merchant_policies(live: Live) -> None:
     code, out, _ = await live.tp("merchant", "get")
     assert code == 0 and "no merchant policies" in out
-    code, out, err = await live.tp("merchant", "set", "m1", "--fallback", "gold,standard",
-                                   "--zone", "any", "--min-capability", "1")
+    code, out, err = await live.tp(
+        "merchant",
+        "set",
+        "m1",
+        "--fallback",
+        "gold,standard",
+        "--zone",
+        "any",
+        "--min-capability",
+        "1",
+    )
     assert code == 0, err
     assert out.startswith("applied")
     assert await live.tp_json("merchant", "get", "m1") == {
-        "m1": {"fallback": ["gold", "standard"], "zone": "any", "min_capability": 1}}
+        "m1": {"fallback": ["gold", "standard"], "zone": "any", "min_capability": 1}
+    }
     code, out, _ = await live.tp("merchant", "get")
     assert "m1" in out and "gold,standard" in out
     code, _, err = await live.tp("merchant", "set", "m2", "--pool", "nope")
@@ -208,11 +222,14 @@ async def test_exit_codes_in_process(live: Live) -> None:
     code, _, err = await live.tp("allocate", "has space")
     assert code == 2 and "not sent" in err
     # Nobody consumes namespace "idle": the request waits for its reply in vain.
-    code = await anyio.to_thread.run_sync(cli_main, [
-        "allocate", "c1", "--redis-url", live.url, "--namespace", "idle", "--timeout", "0.3"])
+    code = await anyio.to_thread.run_sync(
+        cli_main,
+        ["allocate", "c1", "--redis-url", live.url, "--namespace", "idle", "--timeout", "0.3"],
+    )
     assert code == 4 and "timed out" in live.capsys.readouterr().err
     code = await anyio.to_thread.run_sync(
-        cli_main, ["status", "--redis-url", live.url, "--namespace", "bad{ns}"])
+        cli_main, ["status", "--redis-url", live.url, "--namespace", "bad{ns}"]
+    )
     assert code == 2 and "TIERPOOL_NAMESPACE" in live.capsys.readouterr().err
 
 
@@ -223,8 +240,14 @@ def test_entry_point_exit_codes(tmp_path: Path) -> None:
     env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
 
     def tierpool(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "workers.cli", *argv], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "tierpool", *argv],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     assert tierpool().returncode == 2
     assert tierpool("status", "--bogus").returncode == 2

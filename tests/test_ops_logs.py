@@ -12,8 +12,8 @@ import anyio.lowlevel
 import orjson
 import pytest
 
-from core.settings import Settings
-from workers.logs import bind, log_fields, setup_logging
+from tierpool.core.settings import Settings
+from tierpool.workers.logs import bind, log_fields, setup_logging
 
 
 @pytest.fixture(autouse=True)
@@ -37,16 +37,24 @@ def test_json_lines_carry_extras_and_bound_fields() -> None:
     setup_logging(Settings(log_format="json", log_level="info"), stream=out)
     log = logging.getLogger("tierpool.test")
     with log_fields(worker_id="w-1"):
-        log.info("allocated %s", "c1", extra={"call_id": "c1", "pod_id": "p1", "pool": "gold",
-                                              "request_id": "r1"})
+        log.info(
+            "allocated %s",
+            "c1",
+            extra={"call_id": "c1", "pod_id": "p1", "pool": "gold", "request_id": "r1"},
+        )
     log.debug("not shown at info")
     (doc,) = _lines(out)
     assert doc["msg"] == "allocated c1"
     assert doc["level"] == "info"
     assert doc["logger"] == "tierpool.test"
     assert str(doc["ts"]).endswith("Z") and "T" in str(doc["ts"])
-    for key, value in {"call_id": "c1", "pod_id": "p1", "pool": "gold", "request_id": "r1",
-                       "worker_id": "w-1"}.items():
+    for key, value in {
+        "call_id": "c1",
+        "pod_id": "p1",
+        "pool": "gold",
+        "request_id": "r1",
+        "worker_id": "w-1",
+    }.items():
         assert doc[key] == value
 
 
@@ -68,7 +76,8 @@ def test_console_format_is_readable() -> None:
     out = io.StringIO()
     setup_logging(Settings(log_format="console", log_level="debug"), stream=out)
     logging.getLogger("tierpool.test").debug(
-        "draining", extra={"pod_id": "p1", "reason": "deploy 42"})
+        "draining", extra={"pod_id": "p1", "reason": "deploy 42"}
+    )
     line = out.getvalue().strip()
     assert "DEBUG" in line and "tierpool.test: draining" in line
     assert "pod_id=p1" in line and "reason='deploy 42'" in line

@@ -13,12 +13,12 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.client import TierpoolClient
-from core.keys import Keys
-from schemas import PodRegister
 from tests.conftest import ROOT, wait_for
 from tests.procs import WorkerPool, reply, send
-from workers.cli import main as cli_main
+from tierpool.client.client import TierpoolClient
+from tierpool.core.keys import Keys
+from tierpool.schemas import PodRegister
+from tierpool.workers.cli import main as cli_main
 
 pytestmark = pytest.mark.anyio
 
@@ -35,15 +35,15 @@ async def client(
         async with TierpoolClient.from_url(redis_url, namespace=NS) as c:
             for i in range(2):
                 got = await c.send_pod_event(
-                    PodRegister(pod_id=f"pod-{i}", endpoint=f"http://10.2.0.{i}:8080"))
+                    PodRegister(pod_id=f"pod-{i}", endpoint=f"http://10.2.0.{i}:8080")
+                )
                 assert got is not None and got.status == "registered"
             yield c
 
 
 async def tp(capsys: pytest.CaptureFixture[str], url: str, *argv: str) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = await anyio.to_thread.run_sync(
-        cli_main, [*argv, "--redis-url", url, "--namespace", NS])
+    code = await anyio.to_thread.run_sync(cli_main, [*argv, "--redis-url", url, "--namespace", NS])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -74,9 +74,24 @@ async def test_events_follow_prints_new_events_until_sigint(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERPOOL_")}
     proc = await anyio.open_process(
-        [sys.executable, "-m", "workers.cli", "events", "--follow", "--count", "0",
-         "--type", "allocated", "--redis-url", redis_url, "--namespace", NS],
-        cwd=ROOT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "tierpool",
+            "events",
+            "--follow",
+            "--count",
+            "0",
+            "--type",
+            "allocated",
+            "--redis-url",
+            redis_url,
+            "--namespace",
+            NS,
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.stdout is not None
     seen = b""
     try:
@@ -121,10 +136,20 @@ async def test_dead_list_and_requeue(
     assert code == 0 and bad_id in out and "bad-1" in out and "ERROR" in out
 
     # A letter that is fine now (as after fixing what rejected it): requeue serves it.
-    good_id = str(await r.xadd(KEYS.dead, {
-        "stream": KEYS.request_stream("allocate"), "entry_id": "1-0", "request_id": "req-ok",
-        "error": "test", "deliveries": "6", "at_ms": "0",
-        "fields": orjson.dumps({"request_id": "req-ok", "call_id": "c-requeued"}).decode()}))
+    good_id = str(
+        await r.xadd(
+            KEYS.dead,
+            {
+                "stream": KEYS.request_stream("allocate"),
+                "entry_id": "1-0",
+                "request_id": "req-ok",
+                "error": "test",
+                "deliveries": "6",
+                "at_ms": "0",
+                "fields": orjson.dumps({"request_id": "req-ok", "call_id": "c-requeued"}).decode(),
+            },
+        )
+    )
     code, out, _ = await tp(capsys, redis_url, "dead", "requeue", good_id)
     assert code == 0 and f"{good_id}: requeued to allocate as " in out
     assert (await reply(r, "req-ok"))["status"] == "allocated"
@@ -161,9 +186,14 @@ async def test_requeue_all(
     client: TierpoolClient, r: Redis, redis_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for i in range(3):
-        await r.xadd(KEYS.dead, {
-            "stream": KEYS.request_stream("release"), "request_id": f"rq-{i}",
-            "fields": orjson.dumps({"request_id": f"rq-{i}", "call_id": f"none-{i}"}).decode()})
+        await r.xadd(
+            KEYS.dead,
+            {
+                "stream": KEYS.request_stream("release"),
+                "request_id": f"rq-{i}",
+                "fields": orjson.dumps({"request_id": f"rq-{i}", "call_id": f"none-{i}"}).decode(),
+            },
+        )
     code, out, _ = await tp(capsys, redis_url, "dead", "requeue", "--all", "--json")
     assert code == 0
     assert [d["request_id"] for d in orjson.loads(out)] == ["rq-0", "rq-1", "rq-2"]

@@ -19,11 +19,11 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.client import TierpoolClient
-from core.clock import monotonic_s
-from core.podagent import PodAgent
 from tests.conftest import wait_for
 from tests.procs import KEYS, NAMESPACE, ROOT, WorkerPool
+from tierpool.client.client import TierpoolClient
+from tierpool.client.podagent import PodAgent
+from tierpool.core.clock import monotonic_s
 
 pytestmark = pytest.mark.anyio
 
@@ -51,8 +51,12 @@ async def agents(
     client: TierpoolClient, *pod_ids: str, report_calls: bool = True
 ) -> AsyncIterator[dict[str, PodAgent]]:
     """Running agents; any still running at the end are cancelled (no goodbye)."""
-    out = {p: PodAgent(client, p, f"http://{p}:8080", heartbeat_s=HEARTBEAT_S,
-                       report_calls=report_calls) for p in pod_ids}
+    out = {
+        p: PodAgent(
+            client, p, f"http://{p}:8080", heartbeat_s=HEARTBEAT_S, report_calls=report_calls
+        )
+        for p in pod_ids
+    }
     async with anyio.create_task_group() as tg:
         for agent in out.values():
             await tg.start(agent.run)
@@ -88,8 +92,10 @@ async def test_heartbeats_renew_the_leases_of_the_calls_they_list(
     """A call held longer than LEASE_TTL by a heartbeating pod is never re-offered,
     while an unlisted call on the other pod expires (so reaping is really on)."""
     await workers.start(r)
-    async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c, \
-            agents(c, "a", "b") as running:
+    async with (
+        TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c,
+        agents(c, "a", "b") as running,
+    ):
         held = await c.allocate("held")
         other = await c.allocate("unlisted")
         assert held.status == other.status == "allocated"
@@ -115,8 +121,10 @@ async def test_agent_registers_again_after_redis_lost_its_data(
     redis_url: str, r: Redis, workers: WorkerPool
 ) -> None:
     await workers.start(r)
-    async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c, \
-            agents(c, "p0") as running:
+    async with (
+        TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c,
+        agents(c, "p0") as running,
+    ):
         agent = running["p0"]
         assert agent.registrations == 1
         await r.flushall()
@@ -134,8 +142,10 @@ async def test_shutdown_drains_first_keeps_the_mark_then_deregisters(
     """Regression guard for anchor §14.15 (rollouts killed live calls) and §14.11
     (a drain mark lapsed while the pod was still terminating)."""
     await workers.start(r)
-    async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c, \
-            agents(c, "p0") as running:
+    async with (
+        TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c,
+        agents(c, "p0") as running,
+    ):
         agent = running["p0"]
         live = await c.allocate("live")
         assert live.pod_id == "p0"
@@ -158,8 +168,7 @@ async def test_shutdown_drains_first_keeps_the_mark_then_deregisters(
             assert await r.hexists(KEYS.pod_pool, "p0")  # still there while its call runs
             agent.call_ended("live")
         assert not await r.hexists(KEYS.pod_pool, "p0")
-        kinds = [f["event"] for _, f in await r.xrange(KEYS.events)
-                 if f.get("pod_id") == "p0"]
+        kinds = [f["event"] for _, f in await r.xrange(KEYS.events) if f.get("pod_id") == "p0"]
         assert kinds[0] == "drained" and kinds[-1] == "pod_deregistered", kinds
         assert "drain_lapsed" not in kinds
 
@@ -168,8 +177,10 @@ async def test_shutdown_deregisters_when_the_grace_period_ends(
     redis_url: str, r: Redis, workers: WorkerPool
 ) -> None:
     await workers.start(r)
-    async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c, \
-            agents(c, "p0") as running:
+    async with (
+        TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c,
+        agents(c, "p0") as running,
+    ):
         agent = running["p0"]
         assert (await c.allocate("stuck")).pod_id == "p0"
         agent.call_started("stuck")
@@ -189,15 +200,36 @@ async def test_pod_sim_registers_follows_calls_and_leaves_on_sigterm(
     deregisters every pod, and the process exits 0."""
     await workers.start(r)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERPOOL_")}
-    env.update(ENV, REDIS_URL=redis_url, TIERPOOL_NAMESPACE=NAMESPACE, LOG_FORMAT="console",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        ENV,
+        REDIS_URL=redis_url,
+        TIERPOOL_NAMESPACE=NAMESPACE,
+        LOG_FORMAT="console",
+        PYTHONUNBUFFERED="1",
+    )
     log_path = tmp_path / "podsim.log"
     with log_path.open("wb") as log_file:
         proc = await anyio.open_process(
-            [sys.executable, "-m", "workers.cli", "pod-sim", "--pods", "3", "--prefix", "s",
-             "--call-seconds", "2"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-            stdout=log_file, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "tierpool",
+                "pod-sim",
+                "--pods",
+                "3",
+                "--prefix",
+                "s",
+                "--call-seconds",
+                "2",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
+
         async def registered() -> bool:
             assert proc.returncode is None, log_path.read_text()
             return await r.hlen(KEYS.pod_pool) == 3
@@ -213,8 +245,9 @@ async def test_pod_sim_registers_follows_calls_and_leaves_on_sigterm(
         # LEASE_TTL is 1.5 s: only the sim's heartbeats keep the 2 s call alive
         await wait_for(released, timeout_s=10)
         assert monotonic_s() - t0 > 1.5
-        kinds = [f["event"] for _, f in await r.xrange(KEYS.events)
-                 if f.get("call_id") == "sim-call"]
+        kinds = [
+            f["event"] for _, f in await r.xrange(KEYS.events) if f.get("call_id") == "sim-call"
+        ]
         assert kinds == ["allocated", "released"], kinds
         proc.send_signal(signal.SIGTERM)
         with anyio.fail_after(15):

@@ -2,7 +2,7 @@
 
 Three set-ups, each printing p50 / p99 / max over 100 changes:
 
-- real worker processes (``python -m workers``): from the config request's
+- real worker processes (``python -m tierpool.workers``): from the config request's
   XADD to the last worker logging that it serves the new version (log stamps
   have millisecond resolution, so this may read up to 1 ms short);
 - bare ConfigCache processes: from just before ``PoolState.apply`` (its round
@@ -35,14 +35,14 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 from redis.asyncio import Redis
 
-from core.configcache import ConfigCache
-from core.keys import Keys
-from core.redisconn import connect
-from core.settings import Settings
-from core.state import PoolState
-from schemas import ConfigRequest
 from tests.conftest import wait_for
 from tests.procs import WorkerPool, WorkerProc, reply, send
+from tierpool.core.configcache import ConfigCache
+from tierpool.core.keys import Keys
+from tierpool.core.redisconn import connect
+from tierpool.core.settings import Settings
+from tierpool.core.state import PoolState
+from tierpool.schemas import ConfigRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -55,8 +55,14 @@ BOUND_S = 2.0
 
 def settings() -> Settings:
     # the safety re-read never comes during the run: only pub/sub is measured
-    return Settings.from_env({"TIERPOOL_NAMESPACE": NS, "TIER_CONFIG": '{"gold": 1}',
-                              "TIERPOOL_CONFIG_RESYNC": "1h", "TIERPOOL_MERCHANT_CACHE_TTL": "1h"})
+    return Settings.from_env(
+        {
+            "TIERPOOL_NAMESPACE": NS,
+            "TIER_CONFIG": '{"gold": 1}',
+            "TIERPOOL_CONFIG_RESYNC": "1h",
+            "TIERPOOL_MERCHANT_CACHE_TTL": "1h",
+        }
+    )
 
 
 def summary(latencies_s: list[float]) -> str:
@@ -81,8 +87,10 @@ async def apply_changes(r: Redis, seen: list[dict[int, int]], label: str) -> lis
         version = int(out.fields["config_version"])
         await wait_for(lambda v=version: _all_have(seen, v), timeout_s=BOUND_S, interval_s=0.001)
         latencies.append((max(s[version] for s in seen) - t0) / 1e9)
-    print(f"\nconfig propagation, {label}, {len(seen)} caches: {summary(latencies)}"
-          f" (of which the apply round trip: {summary(applies)})")
+    print(
+        f"\nconfig propagation, {label}, {len(seen)} caches: {summary(latencies)}"
+        f" (of which the apply round trip: {summary(applies)})"
+    )
     assert max(latencies) < BOUND_S
     return latencies
 
@@ -93,8 +101,13 @@ async def _all_have(seen: list[dict[int, int]], version: int) -> bool:
 
 @pytest.mark.slow
 async def test_propagation_to_worker_processes(redis_url: str, r: Redis, tmp_path: Path) -> None:
-    env = {"LOG_FORMAT": "json", "LOG_LEVEL": "info", "TIER_CONFIG": '{"gold": 1}',
-           "TIERPOOL_CONFIG_RESYNC": "1h", "TIERPOOL_MERCHANT_CACHE_TTL": "1h"}
+    env = {
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "info",
+        "TIER_CONFIG": '{"gold": 1}',
+        "TIERPOOL_CONFIG_RESYNC": "1h",
+        "TIERPOOL_MERCHANT_CACHE_TTL": "1h",
+    }
     with WorkerPool(redis_url, tmp_path, env=env) as pool:
         logs = [ServedLog(wp) for wp in await pool.start(r, READERS)]
         stream = pool.keys.request_stream("config")
@@ -103,11 +116,16 @@ async def test_propagation_to_worker_processes(redis_url: str, r: Redis, tmp_pat
             t0 = time.time()
             await send(r, stream, {"request_id": f"w{i}", "config": f'{{"gold": {i + 2}}}'})
             version = int((await reply(r, f"w{i}", timeout_s=BOUND_S))["config_version"])
-            await wait_for(lambda v=version: _true(all(log.served(v) for log in logs)),
-                           timeout_s=BOUND_S, interval_s=0.005)
+            await wait_for(
+                lambda v=version: _true(all(log.served(v) for log in logs)),
+                timeout_s=BOUND_S,
+                interval_s=0.005,
+            )
             latencies.append(max(log.served(version) or 0.0 for log in logs) - t0)
-    print(f"\nconfig propagation, worker processes, {READERS} workers, "
-          f"XADD -> last worker serving: {summary(latencies)}")
+    print(
+        f"\nconfig propagation, worker processes, {READERS} workers, "
+        f"XADD -> last worker serving: {summary(latencies)}"
+    )
     assert max(latencies) < BOUND_S
 
 
@@ -164,7 +182,8 @@ async def test_propagation_to_caches_in_one_process(redis_url: str, r: Redis) ->
             for client, record in zip(clients, seen, strict=True):
                 cache = ConfigCache(client, Keys(NS), settings())
                 cache.on_change.append(
-                    lambda s, rec=record: rec.__setitem__(s.version, time.monotonic_ns()))
+                    lambda s, rec=record: rec.__setitem__(s.version, time.monotonic_ns())
+                )
                 await tg.start(cache.run)
             await apply_changes(r, seen, "one process")
             tg.cancel_scope.cancel()
@@ -184,7 +203,12 @@ async def _child(url: str) -> AsyncIterator[Process]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = await anyio.open_process(
         [sys.executable, "-m", "tests.test_propagation", "child", url, NS],
-        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=None,
+    )
     try:
         yield proc
     finally:

@@ -29,7 +29,8 @@ async def test_readme_client_example_runs(redis_url: str, r: Redis, tmp_path: Pa
     with WorkerPool(redis_url, tmp_path) as pool:
         await pool.start(r, 1)
         code = code.replace("redis://localhost:6379", redis_url).replace(
-            'namespace="default"', f'namespace="{pool.namespace}"')
+            'namespace="default"', f'namespace="{pool.namespace}"'
+        )
         script = tmp_path / "example.py"
         script.write_text(code)
         done = await anyio.run_process([sys.executable, str(script)], cwd=ROOT, check=False)
@@ -38,7 +39,8 @@ async def test_readme_client_example_runs(redis_url: str, r: Redis, tmp_path: Pa
     assert lines[0].startswith("pod-1 joined pool ")
     status, pod, url = lines[1].split()
     assert (status, pod) == ("allocated", "pod-1")
-    assert url.endswith("/ws/pod/pod-1/agent/voice/breeze-buddy/twilio/callback/"
-                        "order-confirmation/v2")
+    assert url.endswith(
+        "/ws/pod/pod-1/agent/voice/breeze-buddy/twilio/callback/order-confirmation/v2"
+    )
     assert lines[2] == "released"
     assert await r.hlen(pool.keys.pod_pool) == 0  # the pod left on shutdown

@@ -12,11 +12,11 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.leader import Election
-from core.reconcile import apply_moves, plan, publish_gauges, read_view, reap, reconcile
-from core.state import PoolState
-from schemas import ConfigRequest, DrainRequest
 from tests.statekit import KEYS, Ops, make_state
+from tierpool.core.leader import Election
+from tierpool.core.reconcile import apply_moves, plan, publish_gauges, read_view, reap, reconcile
+from tierpool.core.state import PoolState
+from tierpool.schemas import ConfigRequest, DrainRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -72,16 +72,25 @@ async def test_unassigned_pods_fill_dedicated_then_chain_in_order_then_overflow(
     ops = Ops(state)
     for i in range(5):
         await ops.register(f"p{i}")
-    await set_config(state, {
-        "tiers": {"gold": {"target": 1}, "standard": {"target": 1}, "acme": {"target": 1}},
-        "default_chain": ["gold", "standard"]})
+    await set_config(
+        state,
+        {
+            "tiers": {"gold": {"target": 1}, "standard": {"target": 1}, "acme": {"target": 1}},
+            "default_chain": ["gold", "standard"],
+        },
+    )
     assert set((await pools(r)).values()) == {""}  # the config change unassigned them
     token = await lead(r)
     res = await reconcile(state, token)
     assert res.status == "ok"
     assert [m.reason for m in res.moved] == ["assign"] * 5
-    assert await pools(r) == {"p0": "acme", "p1": "gold", "p2": "standard",
-                              "p3": "standard", "p4": "standard"}
+    assert await pools(r) == {
+        "p0": "acme",
+        "p1": "gold",
+        "p2": "standard",
+        "p3": "standard",
+        "p4": "standard",
+    }
     assert await r.hgetall(KEYS.pool_count) == {"acme": "1", "gold": "1", "standard": "3"}
     assert await r.zrange(KEYS.pool_free("gold", "open"), 0, -1) == ["p1"]
     assert len(await events(r, "pod_moved")) == 5
@@ -95,10 +104,17 @@ async def test_assignment_respects_zone_and_capability(r: Redis) -> None:
     await ops.register("open1")
     await ops.register("safe1", zone="restricted")
     await ops.register("weak1", capability=1)
-    await set_config(state, {
-        "tiers": {"vault": {"target": 5, "zone": "restricted"},
-                  "big": {"target": 5, "capability": 3}, "basic": {"target": 5}},
-        "default_chain": ["vault", "big", "basic"]})
+    await set_config(
+        state,
+        {
+            "tiers": {
+                "vault": {"target": 5, "zone": "restricted"},
+                "big": {"target": 5, "capability": 3},
+                "basic": {"target": 5},
+            },
+            "default_chain": ["vault", "big", "basic"],
+        },
+    )
     await reconcile(state, await lead(r))
     assert await pools(r) == {"open1": "basic", "safe1": "vault", "weak1": "basic"}
 
@@ -113,8 +129,10 @@ async def test_silent_unassigned_pod_is_left_for_the_reaper(r: Redis) -> None:
 
 
 # --- rebalancing ------------------------------------------------------------------
-CHAIN = {"tiers": {"gold": {"target": 1}, "standard": {"target": 1}},
-         "default_chain": ["gold", "standard"]}
+CHAIN = {
+    "tiers": {"gold": {"target": 1}, "standard": {"target": 1}},
+    "default_chain": ["gold", "standard"],
+}
 
 
 async def test_rebalance_moves_only_idle_pods(r: Redis) -> None:
@@ -128,8 +146,13 @@ async def test_rebalance_moves_only_idle_pods(r: Redis) -> None:
     draining = next(p for p in ("p1", "p2", "p3") if p != busy)
     assert (await ops.drain(draining)).status == "drained"
     idle = ({"p1", "p2", "p3"} - {busy, draining}).pop()
-    await set_config(state, {"tiers": {"gold": {"target": 4}, "standard": {"target": 1}},
-                             "default_chain": ["gold", "standard"]})
+    await set_config(
+        state,
+        {
+            "tiers": {"gold": {"target": 4}, "standard": {"target": 1}},
+            "default_chain": ["gold", "standard"],
+        },
+    )
     token = await lead(r)
     res = await reconcile(state, token)
     assert [(m.pod, m.source, m.dest) for m in res.moved] == [(idle, "standard", "gold")]
@@ -148,8 +171,13 @@ async def test_move_rechecks_the_pod_atomically(r: Redis) -> None:
     ops = Ops(state)
     for i in range(4):
         await ops.register(f"p{i}")
-    await set_config(state, {"tiers": {"gold": {"target": 4}, "standard": {"target": 0}},
-                             "default_chain": ["gold", "standard"]})
+    await set_config(
+        state,
+        {
+            "tiers": {"gold": {"target": 4}, "standard": {"target": 0}},
+            "default_chain": ["gold", "standard"],
+        },
+    )
     snap = state.source.current()
     moves = plan(await read_view(r, KEYS, state.settings.pod_ttl_ms), snap)
     assert {m.pod for m in moves} == {"p1", "p2", "p3"}
@@ -158,7 +186,8 @@ async def test_move_rechecks_the_pod_atomically(r: Redis) -> None:
     await ops.drain(draining)
     res = await apply_moves(state, snap, await lead(r), moves)
     assert sorted((m.pod, why) for m, why in res.skipped) == sorted(
-        [(busy, "pod has calls"), (draining, "pod is draining")])
+        [(busy, "pod has calls"), (draining, "pod is draining")]
+    )
     assert len(res.moved) == 1
     assert (await pools(r))[busy] == (await pools(r))[draining] == "standard"
 
@@ -168,9 +197,13 @@ async def test_rebalance_never_puts_a_pod_where_it_may_not_join(r: Redis) -> Non
     ops = Ops(state)
     await ops.register("open1")
     await ops.register("open2")
-    await set_config(state, {
-        "tiers": {"vault": {"target": 1, "zone": "restricted"}, "basic": {"target": 1}},
-        "default_chain": ["vault", "basic"]})
+    await set_config(
+        state,
+        {
+            "tiers": {"vault": {"target": 1, "zone": "restricted"}, "basic": {"target": 1}},
+            "default_chain": ["vault", "basic"],
+        },
+    )
     token = await lead(r)
     await reconcile(state, token)
     assert await pools(r) == {"open1": "basic", "open2": "basic"}
@@ -180,19 +213,26 @@ async def test_rebalance_never_puts_a_pod_where_it_may_not_join(r: Redis) -> Non
 
 
 async def test_pass_two_between_dedicated_and_chain_pools(r: Redis) -> None:
-    state = await make_state(r, {"tiers": {"gold": {"target": 1}, "acme": {"target": 2}},
-                                 "default_chain": ["gold"]})
+    state = await make_state(
+        r, {"tiers": {"gold": {"target": 1}, "acme": {"target": 2}}, "default_chain": ["gold"]}
+    )
     ops = Ops(state)
     for i in range(3):
         await ops.register(f"p{i}")
     assert await pools(r) == {"p0": "acme", "p1": "acme", "p2": "gold"}
     token = await lead(r)
-    await set_config(state, {"tiers": {"gold": {"target": 2}, "acme": {"target": 1}},
-                             "default_chain": ["gold"]}, rid="c2")
+    await set_config(
+        state,
+        {"tiers": {"gold": {"target": 2}, "acme": {"target": 1}}, "default_chain": ["gold"]},
+        rid="c2",
+    )
     res = await reconcile(state, token)
     assert [(m.source, m.dest) for m in res.moved] == [("acme", "gold")]
-    await set_config(state, {"tiers": {"gold": {"target": 1}, "acme": {"target": 2}},
-                             "default_chain": ["gold"]}, rid="c3")
+    await set_config(
+        state,
+        {"tiers": {"gold": {"target": 1}, "acme": {"target": 2}}, "default_chain": ["gold"]},
+        rid="c3",
+    )
     res = await reconcile(state, token)
     assert [(m.source, m.dest) for m in res.moved] == [("gold", "acme")]
     assert await r.hgetall(KEYS.pool_count) == {"acme": "2", "gold": "1"}
@@ -264,8 +304,11 @@ async def test_silent_pod_is_removed_and_its_calls_reported_lost(r: Redis) -> No
 
 
 async def test_lapsed_drain_mark_returns_the_pod_with_its_load(r: Redis) -> None:
-    state = await make_state(r, {"basic": {"type": "shared", "target": 1, "max_concurrent": 3}},
-                             env={"DRAINING_TTL": "60s"})
+    state = await make_state(
+        r,
+        {"basic": {"type": "shared", "target": 1, "max_concurrent": 3}},
+        env={"DRAINING_TTL": "60s"},
+    )
     ops = Ops(state)
     await ops.register("p0", now_ms=T0)
     await ops.allocate("c1", now_ms=T0)
@@ -299,8 +342,11 @@ async def test_call_kept_alive_by_heartbeats_outlives_the_lease_ttl(r: Redis) ->
 
 
 async def test_reap_runs_batches_until_one_comes_back_short(r: Redis) -> None:
-    state = await make_state(r, {"basic": {"type": "shared", "target": 1, "max_concurrent": 10}},
-                             env={"LEASE_TTL": "60s"})
+    state = await make_state(
+        r,
+        {"basic": {"type": "shared", "target": 1, "max_concurrent": 10}},
+        env={"LEASE_TTL": "60s"},
+    )
     ops = Ops(state)
     await ops.register("p0", now_ms=T0)
     for i in range(7):
@@ -325,8 +371,9 @@ async def test_reap_with_a_foreign_token_changes_nothing(r: Redis) -> None:
 
 # --- gauges -------------------------------------------------------------------------
 async def test_gauges_are_computed_in_redis_and_fenced(r: Redis) -> None:
-    state = await make_state(r, {"gold": {"target": 2},
-                                 "basic": {"type": "shared", "target": 3, "max_concurrent": 4}})
+    state = await make_state(
+        r, {"gold": {"target": 2}, "basic": {"type": "shared", "target": 3, "max_concurrent": 4}}
+    )
     ops = Ops(state)
     await ops.register("g1")
     await ops.register("g2")

@@ -18,15 +18,15 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.client import TierpoolClient
-from core.clock import monotonic_s
-from core.errors import RequestTimeout
-from core.podagent import PodAgent
-from core.redisproc import RedisProcess
-from core.tierconfig import parse_tier_config
 from tests.conftest import wait_for
 from tests.invariants import violations
 from tests.procs import KEYS, NAMESPACE, WorkerPool
+from tierpool.client.client import TierpoolClient
+from tierpool.client.podagent import PodAgent
+from tierpool.core.clock import monotonic_s
+from tierpool.core.errors import RequestTimeout
+from tierpool.core.tierconfig import parse_tier_config
+from tierpool.workers.redisproc import RedisProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -77,10 +77,13 @@ async def test_everything_recovers_when_redis_restarts_empty(
 
     with WorkerPool(redis_url, tmp_path, env=ENV) as pool:
         workers = await pool.start(r, 2)
-        async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c, \
-                anyio.create_task_group() as tg:
-            agents = [PodAgent(c, f"pod{i}", f"http://pod{i}:8080", heartbeat_s=0.25)
-                      for i in range(PODS)]
+        async with (
+            TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c,
+            anyio.create_task_group() as tg,
+        ):
+            agents = [
+                PodAgent(c, f"pod{i}", f"http://pod{i}:8080", heartbeat_s=0.25) for i in range(PODS)
+            ]
             for agent in agents:
                 await tg.start(agent.run)
             stop = anyio.Event()
@@ -98,8 +101,10 @@ async def test_everything_recovers_when_redis_restarts_empty(
             t_first = min(t for t in ok_at if t > t_up)
 
             async def all_back() -> bool:
-                return (all(a.registrations == 2 for a in agents)
-                        and await r.hlen(KEYS.pod_pool) == PODS)
+                return (
+                    all(a.registrations == 2 for a in agents)
+                    and await r.hlen(KEYS.pod_pool) == PODS
+                )
 
             await wait_for(all_back, timeout_s=10)
             t_pods = monotonic_s()
@@ -114,10 +119,12 @@ async def test_everything_recovers_when_redis_restarts_empty(
         config = parse_tier_config(orjson.dumps(TIER_CONFIG).decode(), version=1)
         broken = await violations(r, KEYS, config, now_ms=now_ms, pod_ttl_ms=2_000)
 
-    print(f"\n[redis restart] Redis down and back in {t_up - t_kill:.3f}s; first allocation "
-          f"{t_first - t_up:.3f}s after Redis answered again; all {PODS} pods re-registered "
-          f"within {t_pods - t_up:.3f}s; {failures} requests failed or timed out meanwhile; "
-          f"client reconnects {c.stats.reconnects}")
+    print(
+        f"\n[redis restart] Redis down and back in {t_up - t_kill:.3f}s; first allocation "
+        f"{t_first - t_up:.3f}s after Redis answered again; all {PODS} pods re-registered "
+        f"within {t_pods - t_up:.3f}s; {failures} requests failed or timed out meanwhile; "
+        f"client reconnects {c.stats.reconnects}"
+    )
     assert broken == [], broken
     assert t_first - t_up < 5.0
 

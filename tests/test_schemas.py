@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.errors import InvalidMessage
-from schemas import (
+from tierpool.core.errors import InvalidMessage
+from tierpool.schemas import (
     AllocateRequest,
     ConfigRequest,
     DrainRequest,
@@ -611,13 +611,15 @@ def test_long_junk_is_shown_shortened() -> None:
 
 def test_endpoint_with_credentials_is_rejected() -> None:
     """An endpoint is echoed in every allocated reply: no user:pass@ may get in."""
-    from core.errors import InvalidMessage
-    from schemas import decode_pod_event
+    from tierpool.core.errors import InvalidMessage
+    from tierpool.schemas import decode_pod_event
 
-    ok = decode_pod_event({"event": "register", "pod_id": "p1",
-                           "endpoint": "https://p1.internal:8443/path?x=a@b"})
+    ok = decode_pod_event(
+        {"event": "register", "pod_id": "p1", "endpoint": "https://p1.internal:8443/path?x=a@b"}
+    )
     assert ok.endpoint.startswith("https://p1.internal")  # type: ignore[union-attr]
     with pytest.raises(InvalidMessage) as err:
-        decode_pod_event({"event": "register", "pod_id": "p1",
-                          "endpoint": "https://user:secret@p1.internal"})
+        decode_pod_event(
+            {"event": "register", "pod_id": "p1", "endpoint": "https://user:secret@p1.internal"}
+        )
     assert "endpoint" in err.value.error and "credentials" in err.value.error

@@ -6,14 +6,14 @@ import dataclasses
 
 import pytest
 
-from core.errors import SettingsError
-from core.settings import (
+from tierpool.core.errors import SettingsError
+from tierpool.core.settings import (
     Settings,
     env_variables,
     mask_url,
     unknown_tierpool_variables,
 )
-from core.tierconfig import default_tier_config, parse_tier_config
+from tierpool.core.tierconfig import default_tier_config, parse_tier_config
 
 
 def fails(env: dict[str, str]) -> SettingsError:

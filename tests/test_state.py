@@ -6,9 +6,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.state import Entry, PoolState
-from schemas import AllocateRequest, ConfigRequest, MerchantPolicy
 from tests.statekit import KEYS, Ops, RedisSource, make_state
+from tierpool.core.state import Entry, PoolState
+from tierpool.schemas import AllocateRequest, ConfigRequest, MerchantPolicy
 
 pytestmark = pytest.mark.anyio
 
@@ -63,7 +63,8 @@ async def test_session_url_is_built_like_the_anchors_ws_url(r: Redis) -> None:
     await ops.register("p0")
     out = await ops.allocate("c1", provider="plivo", flow="v1", template="t1")
     assert out.fields["session_url"] == (
-        "wss://va.example/ws/pod/p0/agent/voice/breeze-buddy/plivo/callback/t1")
+        "wss://va.example/ws/pod/p0/agent/voice/breeze-buddy/plivo/callback/t1"
+    )
     assert out.fields["endpoint"] == "http://p0:8080"
 
 
@@ -130,17 +131,20 @@ async def test_any_zone_prefers_open_pods_to_keep_restricted_capacity(r: Redis) 
 
 
 async def test_restricted_tier_accepts_only_restricted_pods(r: Redis) -> None:
-    cfg = {"tiers": {"vault": {"target": 5, "zone": "restricted"}, "gold": {"target": 5}},
-           "default_chain": ["vault", "gold"]}
+    cfg = {
+        "tiers": {"vault": {"target": 5, "zone": "restricted"}, "gold": {"target": 5}},
+        "default_chain": ["vault", "gold"],
+    }
     ops = Ops(await make_state(r, cfg))
     assert (await ops.register("o1")).fields["pool"] == "gold"
     assert (await ops.register("r1", zone="restricted")).fields["pool"] == "vault"
 
 
 async def test_min_capability_skips_lower_pools_with_a_reason(r: Redis) -> None:
-    cfg = {"tiers": {"small": {"target": 1, "capability": 1},
-                     "big": {"target": 1, "capability": 4}},
-           "default_chain": ["small", "big"]}
+    cfg = {
+        "tiers": {"small": {"target": 1, "capability": 1}, "big": {"target": 1, "capability": 4}},
+        "default_chain": ["small", "big"],
+    }
     ops = Ops(await make_state(r, cfg))
     await ops.register("s1")
     await ops.register("b1", capability=5)
@@ -152,8 +156,10 @@ async def test_min_capability_skips_lower_pools_with_a_reason(r: Redis) -> None:
 
 
 async def test_flexible_mode_widens_past_the_chain(r: Redis) -> None:
-    cfg = {"tiers": {"gold": {"target": 1}, "spare": {"type": "shared", "target": 0}},
-           "default_chain": ["gold", "spare"]}
+    cfg = {
+        "tiers": {"gold": {"target": 1}, "spare": {"type": "shared", "target": 0}},
+        "default_chain": ["gold", "spare"],
+    }
     ops = Ops(await make_state(r, cfg))
     await ops.register("g1")
     await ops.register("x1")  # overflow: last chain pool, spare
@@ -165,9 +171,11 @@ async def test_flexible_mode_widens_past_the_chain(r: Redis) -> None:
 
 
 async def _set_merchant(state: PoolState, merchant: str, **policy: object) -> str:
-    out = await state.apply(ConfigRequest(
-        request_id=f"m-{merchant}", merchant_id=merchant,
-        merchant=MerchantPolicy(**policy)))  # type: ignore[arg-type]
+    out = await state.apply(
+        ConfigRequest(
+            request_id=f"m-{merchant}", merchant_id=merchant, merchant=MerchantPolicy(**policy)
+        )
+    )  # type: ignore[arg-type]
     await state.source.refresh()
     return out.status
 
@@ -193,8 +201,9 @@ async def test_second_merchant_cannot_take_a_dedicated_pool(r: Redis) -> None:
     cfg = {"tiers": {"gold": {"target": 1}, "acme": {"target": 1}}, "default_chain": ["gold"]}
     state = await make_state(r, cfg)
     assert await _set_merchant(state, "acme-co", pool="acme") == "applied"
-    out = await state.apply(ConfigRequest(
-        request_id="m2", merchant_id="evil", merchant=MerchantPolicy(pool="acme")))
+    out = await state.apply(
+        ConfigRequest(request_id="m2", merchant_id="evil", merchant=MerchantPolicy(pool="acme"))
+    )
     assert out.status == "invalid"
     assert "dedicated to merchant 'acme-co'" in out.fields["error"]
 
@@ -325,8 +334,9 @@ async def test_config_change_removing_a_pool_unassigns_its_pods_and_keeps_calls(
     for i in range(3):
         await ops.register(f"p{i}")
     call = await ops.allocate("c1", chain=("basic",))
-    out = await state.apply(ConfigRequest(
-        request_id="cfg", config='{"gold": {"target": 1}, "standard": {"target": 1}}'))
+    out = await state.apply(
+        ConfigRequest(request_id="cfg", config='{"gold": {"target": 1}, "standard": {"target": 1}}')
+    )
     assert out.status == "applied"
     pod = call.fields["pod_id"]
     assert await r.hget(KEYS.pod_pool, pod) == ""
@@ -337,15 +347,18 @@ async def test_config_change_removing_a_pool_unassigns_its_pods_and_keeps_calls(
 
 async def test_config_cas_conflict_and_invalid_config(r: Redis) -> None:
     state = await make_state(r, {"gold": 1})
-    bad = await state.apply(ConfigRequest(
-        request_id="a", config='{"tiers": {"g": {"target": -1}}, "default_chain": ["x"]}'))
+    bad = await state.apply(
+        ConfigRequest(
+            request_id="a", config='{"tiers": {"g": {"target": -1}}, "default_chain": ["x"]}'
+        )
+    )
     assert bad.status == "invalid"
     assert "target" in bad.fields["error"] and "'x'" in bad.fields["error"]
-    conflict = await state.apply(ConfigRequest(
-        request_id="b", config='{"gold": 2}', expected_version=5))
+    conflict = await state.apply(
+        ConfigRequest(request_id="b", config='{"gold": 2}', expected_version=5)
+    )
     assert (conflict.status, conflict.fields["config_version"]) == ("conflict", "1")
-    ok = await state.apply(ConfigRequest(request_id="c", config='{"gold": 2}',
-                                         expected_version=1))
+    ok = await state.apply(ConfigRequest(request_id="c", config='{"gold": 2}', expected_version=1))
     assert (ok.status, ok.fields["config_version"]) == ("applied", "2")
     assert orjson.loads(await r.get(KEYS.config))["version"] == 2
 
@@ -356,12 +369,14 @@ async def test_inapplicable_config_request_is_replied_dead_lettered_and_acked(r:
     state = await make_state(r, {"gold": 1})
     stream = KEYS.request_stream("config")
     await r.xgroup_create(stream, "tierpool", id="0", mkstream=True)
-    await r.xadd(stream, {"request_id": "m1", "merchant_id": "acme",
-                          "merchant": '{"pool": "nope"}'})
+    await r.xadd(
+        stream, {"request_id": "m1", "merchant_id": "acme", "merchant": '{"pool": "nope"}'}
+    )
     [[_, [(entry_id, _)]]] = await r.xreadgroup("tierpool", "w1", {stream: ">"})
-    out = await state.apply(ConfigRequest(request_id="m1", merchant_id="acme",
-                                          merchant=MerchantPolicy(pool="nope")),
-                            Entry(stream, entry_id))
+    out = await state.apply(
+        ConfigRequest(request_id="m1", merchant_id="acme", merchant=MerchantPolicy(pool="nope")),
+        Entry(stream, entry_id),
+    )
     assert out.status == "invalid"
     assert "'nope' is not configured" in out.fields["error"]
     [(_, reply)] = await r.xrange(KEYS.reply("m1"))
@@ -377,11 +392,18 @@ async def test_rejection_decided_on_an_old_snapshot_is_decided_again(r: Redis) -
     state = await make_state(r, {"gold": 1})
     other = PoolState(r, KEYS, state.settings, RedisSource(r, KEYS))
     await other.source.refresh()
-    assert (await other.apply(ConfigRequest(
-        request_id="c", config='{"tiers": {"gold": {"target": 1}, "acme": {"target": 1}},'
-                               ' "default_chain": ["gold"]}'))).status == "applied"
-    out = await state.apply(ConfigRequest(request_id="m", merchant_id="acme-co",
-                                          merchant=MerchantPolicy(pool="acme")))
+    assert (
+        await other.apply(
+            ConfigRequest(
+                request_id="c",
+                config='{"tiers": {"gold": {"target": 1}, "acme": {"target": 1}},'
+                ' "default_chain": ["gold"]}',
+            )
+        )
+    ).status == "applied"
+    out = await state.apply(
+        ConfigRequest(request_id="m", merchant_id="acme-co", merchant=MerchantPolicy(pool="acme"))
+    )
     assert out.status == "applied"
 
 
@@ -392,12 +414,18 @@ async def test_every_config_reply_carries_the_version_in_force(r: Redis) -> None
     await r.xgroup_create(stream, "tierpool", id="0", mkstream=True)
     cases = [
         (ConfigRequest(request_id="ok", config='{"gold": 2}'), "applied", "2"),
-        (ConfigRequest(request_id="cas", config='{"gold": 3}', expected_version=1),
-         "conflict", "2"),
+        (
+            ConfigRequest(request_id="cas", config='{"gold": 3}', expected_version=1),
+            "conflict",
+            "2",
+        ),
         (ConfigRequest(request_id="bad", config='{"gold": -1}'), "invalid", "2"),
         (ConfigRequest(request_id="late", config='{"gold": 3}', deadline_ms=1), "expired", "2"),
-        (ConfigRequest(request_id="pol", merchant_id="m", merchant=MerchantPolicy()),
-         "applied", "2"),
+        (
+            ConfigRequest(request_id="pol", merchant_id="m", merchant=MerchantPolicy()),
+            "applied",
+            "2",
+        ),
     ]
     for msg, status, version in cases:
         await r.xadd(stream, {"request_id": msg.request_id})

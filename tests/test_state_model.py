@@ -20,12 +20,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from core.placement import place
-from core.redisconn import connect
-from core.settings import Settings
-from core.state import PoolState
-from core.tierconfig import parse_tier_config
-from schemas import (
+from tests.invariants import violations
+from tests.statekit import KEYS, RedisSource, write_config
+from tierpool.core.placement import place
+from tierpool.core.redisconn import connect
+from tierpool.core.settings import Settings
+from tierpool.core.state import PoolState
+from tierpool.core.tierconfig import parse_tier_config
+from tierpool.schemas import (
     AllocateRequest,
     ConfigRequest,
     DrainRequest,
@@ -35,8 +37,6 @@ from schemas import (
     PodRegister,
     ReleaseRequest,
 )
-from tests.invariants import violations
-from tests.statekit import KEYS, RedisSource, write_config
 
 CONFIG_A = {
     "tiers": {
@@ -80,8 +80,11 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
             self.run(write_config(self.r, CONFIG_A))
             self.state = PoolState(self.r, KEYS, Settings(), RedisSource(self.r, KEYS))
             self.run(self.state.source.refresh())
-            out = self.apply(ConfigRequest(request_id="m", merchant_id="m1",
-                                           merchant=MerchantPolicy(pool="acme")))
+            out = self.apply(
+                ConfigRequest(
+                    request_id="m", merchant_id="m1", merchant=MerchantPolicy(pool="acme")
+                )
+            )
             assert out.status == "applied"
             self.run(self.state.source.refresh())
             self.model = Model()
@@ -102,12 +105,21 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
             self.run(self.r.aclose())
             self.loop.close()
 
-        @rule(pod=st.sampled_from(PODS), zone=st.sampled_from(["open", "restricted"]),
-              cap=st.integers(1, 3))
+        @rule(
+            pod=st.sampled_from(PODS),
+            zone=st.sampled_from(["open", "restricted"]),
+            cap=st.integers(1, 3),
+        )
         def register(self, pod: str, zone: str, cap: int) -> None:
-            out = self.apply(PodRegister(request_id=self.rid(), pod_id=pod,
-                                         endpoint=f"http://{pod}", zone=zone,  # type: ignore[arg-type]
-                                         capability=cap))
+            out = self.apply(
+                PodRegister(
+                    request_id=self.rid(),
+                    pod_id=pod,
+                    endpoint=f"http://{pod}",
+                    zone=zone,  # type: ignore[arg-type]
+                    capability=cap,
+                )
+            )
             assert out.status == "registered"
             self.model.pods[pod] = {"zone": zone, "cap": cap}
 
@@ -132,8 +144,7 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
         @rule(pod=st.sampled_from(PODS), undrain=st.booleans())
         def drain(self, pod: str, undrain: bool) -> None:
             action = "undrain" if undrain else "drain"
-            out = self.apply(DrainRequest(request_id=self.rid(), pod_id=pod,
-                                          action=action))  # type: ignore[arg-type]
+            out = self.apply(DrainRequest(request_id=self.rid(), pod_id=pod, action=action))  # type: ignore[arg-type]
             if pod not in self.model.pods:
                 assert out.status == "not_found"
                 return
@@ -143,12 +154,16 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
             else:
                 self.model.draining.add(pod)
 
-        @rule(call=st.sampled_from(CALLS), merchant=st.sampled_from([None, "m1", "m2"]),
-              zone=st.sampled_from(["any", "restricted"]),
-              mode=st.sampled_from(["strict", "flexible"]))
+        @rule(
+            call=st.sampled_from(CALLS),
+            merchant=st.sampled_from([None, "m1", "m2"]),
+            zone=st.sampled_from(["any", "restricted"]),
+            mode=st.sampled_from(["strict", "flexible"]),
+        )
         def allocate(self, call: str, merchant: str | None, zone: str, mode: str) -> None:
-            req = AllocateRequest(request_id=self.rid(), call_id=call, merchant_id=merchant,
-                                  zone=zone, tier_mode=mode)  # type: ignore[arg-type]
+            req = AllocateRequest(
+                request_id=self.rid(), call_id=call, merchant_id=merchant, zone=zone, tier_mode=mode
+            )  # type: ignore[arg-type]
             snap = self.state.source.current()
             expected_free = self.free_pods_for(req)
             out = self.apply(req)
@@ -200,28 +215,44 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
             self.config_changed = True
             import orjson
 
-            out = self.apply(ConfigRequest(request_id=self.rid(),
-                                           config=orjson.dumps(cfg).decode()))
+            out = self.apply(
+                ConfigRequest(request_id=self.rid(), config=orjson.dumps(cfg).decode())
+            )
             assert out.status == "applied"
             self.run(self.state.source.refresh())
             assert self.state.source.current().config == parse_tier_config(
-                cfg, version=self.state.source.current().version)
+                cfg, version=self.state.source.current().version
+            )
 
         @invariant()
         def invariants_hold(self) -> None:
             snap = self.state.source.current()
-            found = self.run(violations(
-                self.r, KEYS, snap.config, now_ms=NOW, pod_ttl_ms=POD_TTL_MS,
-                owners=dict(snap.pool_owners), config_changed=self.config_changed))
+            found = self.run(
+                violations(
+                    self.r,
+                    KEYS,
+                    snap.config,
+                    now_ms=NOW,
+                    pod_ttl_ms=POD_TTL_MS,
+                    owners=dict(snap.pool_owners),
+                    config_changed=self.config_changed,
+                )
+            )
             assert not found, found
             calls = self.run(self.r.hgetall(KEYS.calls))
             import orjson
 
             assert {c: orjson.loads(v)["pod"] for c, v in calls.items()} == self.model.calls
 
-    run_state_machine_as_test(Machine, settings=settings(
-        max_examples=40, stateful_step_count=40, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow]))
+    run_state_machine_as_test(
+        Machine,
+        settings=settings(
+            max_examples=40,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
 
 
 pytestmark = pytest.mark.timeout(300)

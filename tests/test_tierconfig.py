@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.errors import TierConfigError
-from core.tierconfig import (
+from tierpool.core.errors import TierConfigError
+from tierpool.core.tierconfig import (
     MAX_TIERS,
     Tier,
     TierConfig,

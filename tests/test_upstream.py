@@ -13,16 +13,16 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from core.configcache import ConfigCache
-from core.keys import GROUP, Keys
-from core.redisproc import free_port
-from core.settings import Settings
-from core.snapshot import ConfigSnapshot
-from core.state import Entry, PoolState
-from core.tierconfig import parse_tier_config
-from core.upstream import check_upstream, default_fetch, run_upstream, same_content
-from schemas import ConfigRequest, decode_request
 from tests.conftest import wait_for
+from tierpool.core.configcache import ConfigCache
+from tierpool.core.keys import GROUP, Keys
+from tierpool.core.settings import Settings
+from tierpool.core.snapshot import ConfigSnapshot
+from tierpool.core.state import Entry, PoolState
+from tierpool.core.tierconfig import parse_tier_config
+from tierpool.core.upstream import check_upstream, default_fetch, run_upstream, same_content
+from tierpool.schemas import ConfigRequest, decode_request
+from tierpool.workers.redisproc import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -77,8 +77,9 @@ def upstream() -> Iterator[Upstream]:
 
 
 def make_settings(url: str, **env: str) -> Settings:
-    return Settings.from_env({"TIERPOOL_NAMESPACE": "t", "TIER_CONFIG": '{"gold": 1}',
-                              "TIER_CONFIG_URL": url, **env})
+    return Settings.from_env(
+        {"TIERPOOL_NAMESPACE": "t", "TIER_CONFIG": '{"gold": 1}', "TIER_CONFIG_URL": url, **env}
+    )
 
 
 @dataclass
@@ -123,7 +124,10 @@ async def test_a_changed_upstream_is_applied_through_the_config_stream(
 ) -> None:
     result = await check_upstream(world.r, KEYS, world.cache.settings, world.cache)
     assert (result.outcome, result.request_id, result.config_version) == (
-        "applied", "upstream-1", 2)
+        "applied",
+        "upstream-1",
+        2,
+    )
     (sent,) = await world.requests()
     assert (sent["request_id"], sent["expected_version"]) == ("upstream-1", "1")
     snap = await world.cache.refresh()
@@ -141,13 +145,17 @@ async def test_same_content_sends_no_request(world: World, upstream: Upstream) -
     assert await world.r.get(KEYS.upstream_seq) is None
 
 
-@pytest.mark.parametrize(("status", "body", "outcome"), [
-    (200, b'{"gold": {"type": "exclusive", "target": 3', "invalid"),
-    (200, b'{"gold": {"type": "shard", "target": 3}}', "invalid"),
-    (200, b'["gold"]', "invalid"),
-    (500, UPSTREAM.encode(), "bad_status"),
-    (404, b"", "bad_status"),
-], ids=["bad-json", "bad-type", "not-an-object", "http-500", "http-404"])
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (200, b'{"gold": {"type": "exclusive", "target": 3', "invalid"),
+        (200, b'{"gold": {"type": "shard", "target": 3}}', "invalid"),
+        (200, b'["gold"]', "invalid"),
+        (500, UPSTREAM.encode(), "bad_status"),
+        (404, b"", "bad_status"),
+    ],
+    ids=["bad-json", "bad-type", "not-an-object", "http-500", "http-404"],
+)
 async def test_a_bad_upstream_changes_nothing(
     world: World, upstream: Upstream, status: int, body: bytes, outcome: str
 ) -> None:
@@ -169,8 +177,9 @@ async def test_an_unreachable_upstream_changes_nothing(world: World) -> None:
 
 
 async def test_a_concurrent_operator_change_wins(world: World) -> None:
-    async def fetch_while_an_operator_changes_the_config(url: str, timeout_s: float
-                                                         ) -> tuple[int, bytes]:
+    async def fetch_while_an_operator_changes_the_config(
+        url: str, timeout_s: float
+    ) -> tuple[int, bytes]:
         out = await world.state.apply(ConfigRequest(request_id="op", config='{"silver": 1}'))
         assert out.status == "applied"
         return await default_fetch(url, timeout_s)
@@ -182,8 +191,9 @@ async def test_a_concurrent_operator_change_wins(world: World) -> None:
         return stale.current()
 
     stale.refresh = frozen  # type: ignore[method-assign]
-    result = await check_upstream(world.r, KEYS, world.cache.settings, stale,
-                                  fetch=fetch_while_an_operator_changes_the_config)
+    result = await check_upstream(
+        world.r, KEYS, world.cache.settings, stale, fetch=fetch_while_an_operator_changes_the_config
+    )
     assert (result.outcome, result.config_version) == ("conflict", 2), result
     snap = await world.cache.refresh()
     assert (snap.version, snap.config.pools) == (2, ("silver",))
@@ -192,7 +202,7 @@ async def test_a_concurrent_operator_change_wins(world: World) -> None:
 async def test_run_upstream_fetches_only_while_leader_once_per_period(
     world: World, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, "core.upstream")
+    caplog.set_level(logging.DEBUG, "tierpool.core.upstream")
     settings = make_settings(upstream.url, TIER_CONFIG_TTL_SECONDS="300ms")
     asked = 0
     leader = False

@@ -21,22 +21,23 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.keys import GROUP
-from core.metrics import REGISTRY
-from core.redisproc import RedisProcess
-from core.settings import Settings
 from tests.conftest import wait_for
 from tests.procs import KEYS, WorkerPool, replies, reply, send, settled
-from workers.claimer import Claimer, remove_consumers
-from workers.consumer import Processor
-from workers.context import WorkerContext
-from workers.streams import Delivery, Outage, ensure_groups, parse_read, trim_streams
-from workers.worker import Worker
+from tierpool.core.keys import GROUP
+from tierpool.core.settings import Settings
+from tierpool.workers.claimer import Claimer, remove_consumers
+from tierpool.workers.context import WorkerContext
+from tierpool.workers.metrics import REGISTRY
+from tierpool.workers.processor import Processor
+from tierpool.workers.redisproc import RedisProcess
+from tierpool.workers.streams import Delivery, Outage, ensure_groups, parse_read, trim_streams
+from tierpool.workers.worker import Worker
 
 pytestmark = pytest.mark.anyio
 
-ALLOCATE, RELEASE, DRAIN, CONFIG = (KEYS.request_stream(k)
-                                    for k in ("allocate", "release", "drain", "config"))
+ALLOCATE, RELEASE, DRAIN, CONFIG = (
+    KEYS.request_stream(k) for k in ("allocate", "release", "drain", "config")
+)
 PODS = KEYS.pods_stream
 
 
@@ -61,9 +62,9 @@ async def test_every_request_kind_gets_its_contract_reply(r: Redis, pool: Worker
     got = await register(r, "p1")
     assert (got["status"], got["pool"]) == ("registered", "gold")
     assert (await ask(r, PODS, "hb1", event="heartbeat", pod_id="p1", calls="[]"))[
-        "status"] == "alive"
-    assert (await ask(r, PODS, "hb2", event="heartbeat", pod_id="ghost"))[
-        "status"] == "unknown_pod"
+        "status"
+    ] == "alive"
+    assert (await ask(r, PODS, "hb2", event="heartbeat", pod_id="ghost"))["status"] == "unknown_pod"
 
     first = await ask(r, ALLOCATE, "a1", call_id="c1", provider="plivo")
     assert (first["status"], first["pod_id"], first["existing"]) == ("allocated", "p1", "0")
@@ -78,8 +79,9 @@ async def test_every_request_kind_gets_its_contract_reply(r: Redis, pool: Worker
     assert (await ask(r, DRAIN, "d1", pod_id="p1"))["status"] == "drained"
     assert (await ask(r, DRAIN, "d2", pod_id="p1", action="undrain"))["status"] == "undrained"
 
-    new_config = orjson.dumps({"gold": {"type": "exclusive", "target": 2},
-                               "basic": {"type": "shared", "target": 1}}).decode()
+    new_config = orjson.dumps(
+        {"gold": {"type": "exclusive", "target": 2}, "basic": {"type": "shared", "target": 1}}
+    ).decode()
     conflict = await ask(r, CONFIG, "k1", config=new_config, expected_version="99")
     assert (conflict["status"], conflict["config_version"]) == ("conflict", "1")
     applied = await ask(r, CONFIG, "k2", config=new_config, expected_version="1")
@@ -219,8 +221,10 @@ async def test_redis_restart_worker_resumes_by_itself(
     t0 = time.monotonic()
     assert (await register(r, "p1", rid="after-restart"))["status"] == "registered"
     took = time.monotonic() - t0
-    print(f"Redis restart: first reply {took:.2f}s after Redis answered again "
-          f"({time.monotonic() - t_kill:.2f}s after the kill)")
+    print(
+        f"Redis restart: first reply {took:.2f}s after Redis answered again "
+        f"({time.monotonic() - t_kill:.2f}s after the kill)"
+    )
     assert took < 10
     assert all(w.alive() for w in workers)
     assert (await ask(r, ALLOCATE, "a1", call_id="c1"))["status"] == "allocated"
@@ -244,8 +248,10 @@ async def test_redis_away_for_a_while_is_logged_once_and_survived(
     t0 = time.monotonic()
     assert (await register(r, "p1", rid="after-outage"))["status"] == "registered"
     took = time.monotonic() - t0
-    print(f"Redis away {t0 - t_down:.2f}s (noticed after {noticed:.2f}s): first reply "
-          f"{took:.2f}s after it answered again")
+    print(
+        f"Redis away {t0 - t_down:.2f}s (noticed after {noticed:.2f}s): first reply "
+        f"{took:.2f}s after it answered again"
+    )
     assert took < 10
     for w in workers:
         assert w.alive()
@@ -287,9 +293,7 @@ async def _below(value: object, limit: int) -> bool:
     return int(await value) < limit  # type: ignore[misc]
 
 
-async def test_bad_settings_exit_2_with_the_variable_named(
-    r: Redis, pool: WorkerPool
-) -> None:
+async def test_bad_settings_exit_2_with_the_variable_named(r: Redis, pool: WorkerPool) -> None:
     [w] = pool.spawn(1, env={"TIERPOOL_BATCH_SIZE": "lots"})
     assert await w.wait_exit() == 2
     assert "TIERPOOL_BATCH_SIZE" in w.log_text()
@@ -327,8 +331,14 @@ QUIET = frozenset({"http", "leader", "gauges", "config-listener"})
 
 
 def make_ctx(url: str, **overrides: object) -> WorkerContext:
-    settings = Settings(redis_url=url, namespace="t", block_ms=100, claim_min_idle_ms=600,
-                        claim_interval_s=0.1, **overrides)  # type: ignore[arg-type]
+    settings = Settings(
+        redis_url=url,
+        namespace="t",
+        block_ms=100,
+        claim_min_idle_ms=600,
+        claim_interval_s=0.1,
+        **overrides,
+    )  # type: ignore[arg-type]
     return WorkerContext.create(settings)
 
 
@@ -404,8 +414,10 @@ async def test_one_failing_message_is_dead_lettered_and_the_batch_goes_on(
     statuses = await Processor(ctx).process(parse_read(read))
     assert statuses == ["not_found", "invalid", "not_found"]
     assert (await reply(r, "bad"))["error"].startswith("internal error: KeyError")
-    assert _sample("tierpool_dead_letters_total", stream="release",
-                   reason="internal_error") == before + 1
+    assert (
+        _sample("tierpool_dead_letters_total", stream="release", reason="internal_error")
+        == before + 1
+    )
     assert await settled(r)
     await ctx.redis.aclose()
 
@@ -466,7 +478,7 @@ async def test_removing_a_consumer_that_just_read_keeps_it_and_its_entries(r: Re
 
 async def test_an_outage_is_logged_once_not_per_attempt(caplog: pytest.LogCaptureFixture) -> None:
     outage = Outage()
-    with caplog.at_level(logging.INFO, logger="workers.streams"):
+    with caplog.at_level(logging.INFO, logger="tierpool.workers.streams"):
         for _ in range(4):
             await outage.backoff(ConnectionError("refused"), "reading")
         outage.ok()

@@ -1,7 +1,7 @@
-"""``python -m workers`` runs one worker, like ``tierpool worker``."""
+"""``python -m tierpool.workers`` runs one worker, like ``tierpool worker``."""
 
 import sys
 
-from workers.cli import main
+from tierpool.workers.cli import main
 
 sys.exit(main(["worker", *sys.argv[1:]]))

@@ -23,12 +23,12 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
-from core import metrics
-from core.keys import GROUP
-from core.scripts import Call, run_calls, script
-from workers.consumer import Processor
-from workers.context import WorkerContext
-from workers.streams import (
+from tierpool.core.keys import GROUP
+from tierpool.core.scripts import Call, run_calls, script
+from tierpool.workers import metrics
+from tierpool.workers.context import WorkerContext
+from tierpool.workers.processor import Processor
+from tierpool.workers.streams import (
     REDIS_DOWN,
     Delivery,
     LoopControl,
@@ -70,11 +70,12 @@ async def remove_consumers(
     by_stream: dict[str, list[str]] = {}
     for stream, name in victims:
         by_stream.setdefault(stream, []).append(name)
-    calls = [Call(script("group_delconsumers"), [stream] * len(names), [GROUP, *names])
-             for stream, names in by_stream.items()]
+    calls = [
+        Call(script("group_delconsumers"), [stream] * len(names), [GROUP, *names])
+        for stream, names in by_stream.items()
+    ]
     removed: list[tuple[str, str]] = []
-    for (stream, _), answer in zip(by_stream.items(), await run_calls(redis, calls),
-                                   strict=True):
+    for (stream, _), answer in zip(by_stream.items(), await run_calls(redis, calls), strict=True):
         if isinstance(answer, list):
             removed += [(stream, str(name)) for name in answer]
         else:
@@ -100,8 +101,7 @@ class Claimer:
         self.streams = ctx.keys.all_input_streams
         self.kinds = stream_kinds(ctx.keys)
         self.cursors = dict.fromkeys(self.streams, "0-0")
-        self.gc_idle_ms = consumer_gc_idle_ms or default_gc_idle_ms(
-            ctx.settings.claim_min_idle_ms)
+        self.gc_idle_ms = consumer_gc_idle_ms or default_gc_idle_ms(ctx.settings.claim_min_idle_ms)
         self.ticks = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -123,8 +123,9 @@ class Claimer:
         failed: BaseException | None = None
         try:
             await self.claim()
-            await trim_streams(self.ctx.redis, self.streams,
-                               backlog_warn=self.ctx.settings.stream_maxlen)
+            await trim_streams(
+                self.ctx.redis, self.streams, backlog_warn=self.ctx.settings.stream_maxlen
+            )
             await self.tidy_consumers()
         except REDIS_DOWN as exc:
             failed = exc
@@ -151,8 +152,11 @@ class Claimer:
                 with self.control.batch():
                     await self._process(claimed)
             # Go on only where the scan is not finished and found something.
-            streams = [s for s in streams if self.cursors[s] != "0-0"
-                       and any(d.stream == s for d in claimed)]
+            streams = [
+                s
+                for s in streams
+                if self.cursors[s] != "0-0" and any(d.stream == s for d in claimed)
+            ]
         return total
 
     async def _claim_round(self, streams: Sequence[str]) -> list[Delivery]:
@@ -160,8 +164,14 @@ class Claimer:
         wid = self.ctx.worker_id
         async with self.ctx.redis.pipeline(transaction=False) as pipe:
             for stream in streams:
-                pipe.xautoclaim(stream, GROUP, wid, s.claim_min_idle_ms,
-                                start_id=self.cursors[stream], count=s.batch_size)
+                pipe.xautoclaim(
+                    stream,
+                    GROUP,
+                    wid,
+                    s.claim_min_idle_ms,
+                    start_id=self.cursors[stream],
+                    count=s.batch_size,
+                )
             answers = await pipe.execute(raise_on_error=False)
         claimed: dict[str, list[tuple[str, Any]]] = {}
         gone: dict[str, list[str]] = {}
@@ -200,8 +210,14 @@ class Claimer:
         async with self.ctx.redis.pipeline(transaction=False) as pipe:
             for stream, entries in claimed.items():
                 ids = [e for e, _ in entries]
-                pipe.xpending_range(stream, GROUP, min(ids, key=_id_key), max(ids, key=_id_key),
-                                    len(ids) + spare, consumername=wid)
+                pipe.xpending_range(
+                    stream,
+                    GROUP,
+                    min(ids, key=_id_key),
+                    max(ids, key=_id_key),
+                    len(ids) + spare,
+                    consumername=wid,
+                )
             for stream, ids in gone.items():
                 pipe.xack(stream, GROUP, *ids)
             answers = await pipe.execute(raise_on_error=False)
@@ -240,17 +256,22 @@ class Claimer:
             if not isinstance(answer, list):
                 continue  # no stream or no group yet
             for c in answer:
-                if (c.get("name") != self.ctx.worker_id and int(c.get("pending", 1)) == 0
-                        and int(c.get("idle", 0)) >= self.gc_idle_ms):
+                if (
+                    c.get("name") != self.ctx.worker_id
+                    and int(c.get("pending", 1)) == 0
+                    and int(c.get("idle", 0)) >= self.gc_idle_ms
+                ):
                     victims.append((stream, str(c["name"])))
         removed = await remove_consumers(self.ctx.redis, victims)
         if removed:
-            log.info("removed %d silent consumers", len(removed),
-                     extra={"consumers": sorted({name for _, name in removed})})
+            log.info(
+                "removed %d silent consumers",
+                len(removed),
+                extra={"consumers": sorted({name for _, name in removed})},
+            )
         return removed
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return (int(ms) if ms.isdigit() else 0, int(seq) if seq.isdigit() else 0)
-

@@ -18,20 +18,26 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REDIS, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 # subcommand -> (module, help). Each module has ``add_arguments(parser)`` and
 # ``main(args) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "worker": ("workers.worker", "run one worker process (consumer, claimer, leader candidate)"),
-    "run": ("workers.embedded", "run a private Redis, workers, simulated pods and load"),
-    "bench": ("bench.run", "measure throughput, latency, propagation, failover"),
-    "status": ("workers.ops.status", "pools, targets, capacity, leader, config, stream lag"),
-    "pods": ("workers.ops.pods", "list pods with pool, state and calls"),
-    "config": ("workers.ops.config", "get, set or validate the tier config"),
-    "merchant": ("workers.ops.config", "get, set or remove a merchant policy"),
-    "drain": ("workers.ops.requests", "drain a pod (no new calls)"),
-    "undrain": ("workers.ops.requests", "return a drained pod to service"),
-    "allocate": ("workers.ops.requests", "allocate a call (for testing)"),
-    "release": ("workers.ops.requests", "release a call (for testing)"),
-    "events": ("workers.ops.events", "show the audit log (--follow to tail it)"),
-    "dead": ("workers.ops.dead", "list dead letters, or requeue them"),
-    "pod-sim": ("workers.podsim", "simulate pods that register and heartbeat"),
+    "worker": (
+        "tierpool.workers.worker",
+        "run one worker process (consumer, claimer, leader candidate)",
+    ),
+    "run": ("tierpool.workers.embedded", "run a private Redis, workers, simulated pods and load"),
+    "bench": ("tierpool.bench.run", "measure throughput, latency, propagation, failover"),
+    "status": (
+        "tierpool.workers.ops.status",
+        "pools, targets, capacity, leader, config, stream lag",
+    ),
+    "pods": ("tierpool.workers.ops.pods", "list pods with pool, state and calls"),
+    "config": ("tierpool.workers.ops.config", "get, set or validate the tier config"),
+    "merchant": ("tierpool.workers.ops.config", "get, set or remove a merchant policy"),
+    "drain": ("tierpool.workers.ops.requests", "drain a pod (no new calls)"),
+    "undrain": ("tierpool.workers.ops.requests", "return a drained pod to service"),
+    "allocate": ("tierpool.workers.ops.requests", "allocate a call (for testing)"),
+    "release": ("tierpool.workers.ops.requests", "release a call (for testing)"),
+    "events": ("tierpool.workers.ops.events", "show the audit log (--follow to tail it)"),
+    "dead": ("tierpool.workers.ops.dead", "list dead letters, or requeue them"),
+    "pod-sim": ("tierpool.workers.podsim", "simulate pods that register and heartbeat"),
 }
 
 
@@ -43,7 +49,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="tierpool",
-        description="Places live sessions on pods from tiered pools, over Redis Streams.")
+        description="Places live sessions on pods from tiered pools, over Redis Streams.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

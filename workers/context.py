@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from core.configcache import ConfigCache
-from core.keys import Keys
-from core.redisconn import connect
-from core.settings import Settings
-from core.state import PoolState
+from tierpool.core.configcache import ConfigCache
+from tierpool.core.keys import Keys
+from tierpool.core.redisconn import connect
+from tierpool.core.settings import Settings
+from tierpool.core.state import PoolState
 
 
 def make_worker_id() -> str:

@@ -34,16 +34,16 @@ import anyio
 from anyio.abc import Process, TaskGroup
 from redis.exceptions import RedisError
 
-from core.client import TierpoolClient
-from core.clock import monotonic_s
-from core.errors import RequestTimeout, SettingsError, TierpoolError
-from core.keys import Keys
-from core.redisconn import connect
-from core.redisproc import RedisNotInstalled, RedisProcess, free_port
-from core.settings import Settings, mask_url
-from workers import http
-from workers.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from workers.gauges import ClusterView, read_view
+from tierpool.client.client import TierpoolClient
+from tierpool.core.clock import monotonic_s
+from tierpool.core.errors import RequestTimeout, SettingsError, TierpoolError
+from tierpool.core.keys import Keys
+from tierpool.core.redisconn import connect
+from tierpool.core.settings import Settings, mask_url
+from tierpool.workers import http
+from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from tierpool.workers.gauges import ClusterView, read_view
+from tierpool.workers.redisproc import RedisNotInstalled, RedisProcess, free_port
 
 READY_TIMEOUT_S: Final = 60.0
 STOP_EXTRA_S: Final = 5.0
@@ -51,18 +51,40 @@ STOP_EXTRA_S: Final = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("--workers", type=int, default=2, metavar="N",
-                        help="worker processes (default 2)")
-    parser.add_argument("--pods", type=int, default=6, metavar="N",
-                        help="simulated pods (default 6)")
-    parser.add_argument("--callers", type=int, default=4, metavar="N",
-                        help="concurrent callers of the load (default 4; 0 = no load)")
-    parser.add_argument("--hold", type=float, default=0.5, metavar="S",
-                        help="mean seconds a caller holds a call before releasing it")
-    parser.add_argument("--duration", type=float, default=None, metavar="S",
-                        help="stop by itself after S seconds of load (default: until Ctrl-C)")
-    parser.add_argument("--interval", type=float, default=1.0, metavar="S",
-                        help="seconds between progress lines (default 1)")
+    parser.add_argument(
+        "--workers", type=int, default=2, metavar="N", help="worker processes (default 2)"
+    )
+    parser.add_argument(
+        "--pods", type=int, default=6, metavar="N", help="simulated pods (default 6)"
+    )
+    parser.add_argument(
+        "--callers",
+        type=int,
+        default=4,
+        metavar="N",
+        help="concurrent callers of the load (default 4; 0 = no load)",
+    )
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="mean seconds a caller holds a call before releasing it",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop by itself after S seconds of load (default: until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between progress lines (default 1)",
+    )
 
 
 def say(text: str) -> None:
@@ -99,7 +121,8 @@ class LoadStats:
     window_allocated: int = 0
     window_rejected: int = 0
     recent: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=100_000))
+        default_factory=lambda: collections.deque(maxlen=100_000)
+    )
 
     def record(self, status: str, latency_s: float) -> None:
         self.window.append(latency_s)
@@ -131,8 +154,12 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}ms"
 
 
-def progress_line(elapsed_s: float, interval_s: float, window: tuple[int, int, list[float]],
-                  view: ClusterView | None) -> str:
+def progress_line(
+    elapsed_s: float,
+    interval_s: float,
+    window: tuple[int, int, list[float]],
+    view: ClusterView | None,
+) -> str:
     """One progress line: rates, allocate latency, live calls, pools, leader."""
     allocated, rejected, latencies = window
     parts = [
@@ -147,13 +174,16 @@ def progress_line(elapsed_s: float, interval_s: float, window: tuple[int, int, l
     elif view.gauges_at_ms is None:
         parts.append("(no pool figures from the leader yet)")
     else:
-        pools = "  ".join(
-            f"{name} {g.free} free {g.busy + g.full} busy"
-            + (f" {g.draining} draining" if g.draining else "")
-            for name, g in view.pools.items() if g.pods
-        ) or "no pods in any pool"
-        parts += [f"calls {view.active_calls:3d}", pools,
-                  f"leader {view.leader_holder or 'none'}"]
+        pools = (
+            "  ".join(
+                f"{name} {g.free} free {g.busy + g.full} busy"
+                + (f" {g.draining} draining" if g.draining else "")
+                for name, g in view.pools.items()
+                if g.pods
+            )
+            or "no pods in any pool"
+        )
+        parts += [f"calls {view.active_calls:3d}", pools, f"leader {view.leader_holder or 'none'}"]
     return "  ".join(parts)
 
 
@@ -173,14 +203,20 @@ class Embedded:
         self._files: list[IO[bytes]] = []
 
     # --- children -------------------------------------------------------------------
-    async def spawn(self, name: str, argv: list[str], env: dict[str, str],
-                    metrics_port: int | None = None) -> Child:
+    async def spawn(
+        self, name: str, argv: list[str], env: dict[str, str], metrics_port: int | None = None
+    ) -> Child:
         log_path = self.logdir / f"{name}.log"
         out = _open_log(log_path)
         self._files.append(out)
         process = await anyio.open_process(
-            [sys.executable, "-m", "workers.cli", *argv], stdin=None, stdout=out,
-            stderr=out, env=env, start_new_session=True)
+            [sys.executable, "-m", "tierpool", *argv],
+            stdin=None,
+            stdout=out,
+            stderr=out,
+            env=env,
+            start_new_session=True,
+        )
         child = Child(name, process, log_path, metrics_port)
         self.children.append(child)
         return child
@@ -199,7 +235,8 @@ class Embedded:
         for i in range(1, self.args.workers + 1):
             port = free_port()
             child = await self.spawn(
-                f"worker-{i}", ["worker"], {**env, "METRICS_PORT": str(port)}, port)
+                f"worker-{i}", ["worker"], {**env, "METRICS_PORT": str(port)}, port
+            )
             tg.start_soon(self.watch, child)
         sim = await self.spawn("pod-sim", ["pod-sim", "--pods", str(self.args.pods)], env)
         tg.start_soon(self.watch, sim)
@@ -254,8 +291,11 @@ class Embedded:
             try:
                 await anyio.sleep(random.uniform(0.5, 1.5) * self.args.hold)
             finally:
-                with (anyio.CancelScope(shield=True), anyio.move_on_after(2.0),
-                      contextlib.suppress(TierpoolError)):  # timed out, or the client closed
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(2.0),
+                    contextlib.suppress(TierpoolError),
+                ):  # timed out, or the client closed
                     await client.release(call_id)
 
     async def show_progress(self) -> None:
@@ -269,15 +309,21 @@ class Embedded:
                     view = await read_view(redis, self.keys)
                 except Exception:  # Redis gone for a moment: say so and go on
                     view = None
-                say(progress_line(monotonic_s() - started, self.args.interval,
-                                  self.stats.take_window(), view))
+                say(
+                    progress_line(
+                        monotonic_s() - started, self.args.interval, self.stats.take_window(), view
+                    )
+                )
         finally:
             await redis.aclose()
 
     async def run_load(self) -> None:
-        async with TierpoolClient.from_url(
-            self.url, namespace=self.settings.namespace, default_timeout_s=5.0
-        ) as client, anyio.create_task_group() as tg:
+        async with (
+            TierpoolClient.from_url(
+                self.url, namespace=self.settings.namespace, default_timeout_s=5.0
+            ) as client,
+            anyio.create_task_group() as tg,
+        ):
             tg.start_soon(self.show_progress)
             for i in range(self.args.callers):
                 tg.start_soon(self.caller, client, i)
@@ -343,13 +389,18 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             tg.start_soon(_signals, emb)
             await emb.start_children(tg)
             for child in emb.children:
-                port = f", metrics http://127.0.0.1:{child.metrics_port}/metrics" \
-                    if child.metrics_port else ""
+                port = (
+                    f", metrics http://127.0.0.1:{child.metrics_port}/metrics"
+                    if child.metrics_port
+                    else ""
+                )
                 say(f"started {child.name} (pid {child.process.pid}{port})")
             say(f"logs in {emb.logdir}; waiting for the workers and {args.pods} pods...")
             if await emb.wait_ready():
-                say("ready. Ctrl-C to stop" + (
-                    f" (stopping by itself after {args.duration:g}s)" if args.duration else ""))
+                say(
+                    "ready. Ctrl-C to stop"
+                    + (f" (stopping by itself after {args.duration:g}s)" if args.duration else "")
+                )
                 await emb.run_load()
             emb.stopping.set()
             await emb.stop_children()
@@ -361,9 +412,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             if redis_proc is not None:
                 await anyio.to_thread.run_sync(redis_proc.close)
     s = emb.stats
-    say(f"stopped. {s.allocated} allocated, {s.rejected} rejected, {s.failed} failed or "
+    say(
+        f"stopped. {s.allocated} allocated, {s.rejected} rejected, {s.failed} failed or "
         f"timed out; allocate p50 {_ms(percentile(list(s.recent), 0.5))}, "
-        f"p99 {_ms(percentile(list(s.recent), 0.99))}")
+        f"p99 {_ms(percentile(list(s.recent), 0.99))}"
+    )
     if emb.failure:
         say(f"failed: {emb.failure}; logs kept in {emb.logdir}")
         return EXIT_FAILED

@@ -24,11 +24,11 @@ from anyio.abc import TaskStatus
 from prometheus_client import Gauge
 from redis.asyncio import Redis
 
-from core import metrics
-from core.clock import redis_time_ms
-from core.keys import GROUP, Keys
-from core.tierconfig import TierConfig
-from workers.context import WorkerContext
+from tierpool.core.clock import redis_time_ms
+from tierpool.core.keys import GROUP, Keys
+from tierpool.core.tierconfig import TierConfig
+from tierpool.workers import metrics
+from tierpool.workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,10 @@ def _stream_info(keys: Keys, key: str, consumed: bool, it: Any) -> StreamInfo:
         if g.get("name") == GROUP:
             lag = g.get("lag")
             return StreamInfo(
-                label, key, length, consumed=True,
+                label,
+                key,
+                length,
+                consumed=True,
                 lag=None if lag is None else int(lag),
                 pending=int(g.get("pending") or 0),
                 consumers=int(g.get("consumers") or 0),
@@ -189,7 +192,7 @@ def _stream_info(keys: Keys, key: str, consumed: bool, it: Any) -> StreamInfo:
 
 
 class GaugeExporter:
-    """Copies a :class:`ClusterView` into the Prometheus gauges of ``core.metrics``.
+    """Copies a :class:`ClusterView` into the Prometheus gauges of ``tierpool.workers.metrics``.
 
     Remembers which label sets it exported, so a pool removed from the
     config disappears from ``/metrics`` instead of freezing at its last value.
@@ -222,8 +225,10 @@ class GaugeExporter:
         metrics.active_calls.set(view.active_calls)
         metrics.unassigned_pods.set(view.unassigned)
         metrics.gauges_age.set(
-            math.nan if view.gauges_at_ms is None
-            else max(0.0, (view.now_ms - view.gauges_at_ms) / 1000))
+            math.nan
+            if view.gauges_at_ms is None
+            else max(0.0, (view.now_ms - view.gauges_at_ms) / 1000)
+        )
         metrics.config_version.set(config.version)
         metrics.leader.set(1 if is_leader else 0)
         for s in view.streams:

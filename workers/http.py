@@ -4,7 +4,7 @@ Plain HTTP/1.1 over anyio streams, GET and HEAD only, one request per
 connection (``Connection: close``): Prometheus and Kubernetes probes need
 nothing more, and it keeps a web framework out of the dependencies.
 
-- ``/metrics``: every metric of :data:`core.metrics.REGISTRY`, Prometheus text format.
+- ``/metrics``: every metric of :data:`tierpool.workers.metrics.REGISTRY`, Prometheus text format.
 - ``/healthz``: liveness. 200 as long as the event loop answers.
 - ``/readyz``: readiness. 200 only when Redis answers a PING *now*, the tier
   config is loaded and the consumer group is joined (``ctx.health``);
@@ -28,9 +28,9 @@ from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from core.errors import TierpoolError
-from core.metrics import REGISTRY
-from workers.context import WorkerContext
+from tierpool.core.errors import TierpoolError
+from tierpool.workers.context import WorkerContext
+from tierpool.workers.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,13 @@ PING_TIMEOUT_S: Final = 1.0
 READ_TIMEOUT_S: Final = 5.0
 MAX_HEADER_BYTES: Final = 8192
 
-_REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found",
-                   405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 _JSON: Final = "application/json"
 
 
@@ -108,8 +113,9 @@ async def respond(ctx: WorkerContext, method: str, target: str) -> bytes:
     if path == "/readyz":
         ready, body = await readiness(ctx)
         return _json(200 if ready else 503, body, head=head)
-    return _json(404, {"error": f"no such path {path}; try /metrics, /healthz or /readyz"},
-                 head=head)
+    return _json(
+        404, {"error": f"no such path {path}; try /metrics, /healthz or /readyz"}, head=head
+    )
 
 
 async def _handle(ctx: WorkerContext, stream: SocketStream) -> None:
@@ -124,9 +130,15 @@ async def _handle(ctx: WorkerContext, stream: SocketStream) -> None:
                 await stream.send(_json(400, {"error": "bad request line"}))
                 return
             await stream.send(await respond(ctx, parts[0], parts[1]))
-        except (TimeoutError, anyio.EndOfStream, anyio.IncompleteRead,
-                anyio.DelimiterNotFound, anyio.BrokenResourceError,
-                anyio.ClosedResourceError, ConnectionError):
+        except (
+            TimeoutError,
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+            anyio.DelimiterNotFound,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            ConnectionError,
+        ):
             return  # a client that went away or sent garbage: nothing to answer
         except Exception:
             log.exception("http: failed to answer a request")
@@ -154,8 +166,12 @@ async def serve(
         raise
     async with listener:
         bound = int(listener.extra(SocketAttribute.local_port))
-        log.info("metrics and health on http://%s:%d (/metrics /healthz /readyz)", host, bound,
-                 extra={"metrics_port": bound})
+        log.info(
+            "metrics and health on http://%s:%d (/metrics /healthz /readyz)",
+            host,
+            bound,
+            extra={"metrics_port": bound},
+        )
         task_status.started(bound)
 
         async def handler(stream: SocketStream) -> None:
@@ -172,8 +188,8 @@ async def get(host: str, port: int, path: str, *, timeout_s: float = 2.0) -> tup
     with anyio.fail_after(timeout_s):
         async with await anyio.connect_tcp(host, port) as stream:
             await stream.send(
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
-                .encode())
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+            )
             chunks: list[bytes] = []
             try:
                 while True:

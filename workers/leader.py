@@ -26,11 +26,11 @@ from functools import partial
 import anyio
 from anyio.abc import TaskStatus
 
-from core import metrics
-from core.leader import Election, Leadership
-from core.reconcile import publish_gauges, reap, reconcile
-from core.upstream import run_upstream
-from workers.context import WorkerContext
+from tierpool.core.leader import Election, Leadership
+from tierpool.core.reconcile import publish_gauges, reap, reconcile
+from tierpool.core.upstream import run_upstream
+from tierpool.workers import metrics
+from tierpool.workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ async def lead(ctx: WorkerContext, term: Leadership) -> None:
     log.info("leading as %s", term.token)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_every, "reconcile", s.reconcile_interval_s,
-                          partial(reconcile_once, ctx, term))
+            tg.start_soon(
+                _every, "reconcile", s.reconcile_interval_s, partial(reconcile_once, ctx, term)
+            )
             tg.start_soon(_every, "reap", s.cleanup_interval_s, partial(reap_once, ctx, term))
             tg.start_soon(_every, "gauges", GAUGES_INTERVAL_S, partial(gauges_once, ctx, term))
             tg.start_soon(_supervise, run_upstream, ctx, term)
@@ -79,15 +80,19 @@ async def reconcile_once(ctx: WorkerContext, term: Leadership) -> None:
     for move in res.moved:
         metrics.moves_total.labels(reason=move.reason).inc()
     if res.moved:
-        log.info("reconcile: %d pods moved: %s", len(res.moved),
-                 ", ".join(f"{m.pod} {m.source or '-'}->{m.dest}" for m in res.moved))
+        log.info(
+            "reconcile: %d pods moved: %s",
+            len(res.moved),
+            ", ".join(f"{m.pod} {m.source or '-'}->{m.dest}" for m in res.moved),
+        )
     for move, why in res.skipped:
         log.info("reconcile: %s not moved to %s: %s", move.pod, move.dest, why)
     for move, error in res.errors:
         log.warning("reconcile: moving %s to %s failed: %s", move.pod, move.dest, error)
     if res.count_drift:
-        log.warning("reconcile: pool counts differ from pods (stored, counted): %s",
-                    res.count_drift)
+        log.warning(
+            "reconcile: pool counts differ from pods (stored, counted): %s", res.count_drift
+        )
     if res.status == "fenced":
         term.step_down("a move was fenced")
     elif res.status == "stale":
@@ -100,8 +105,12 @@ async def reap_once(ctx: WorkerContext, term: Leadership) -> None:
         if n:
             metrics.reaped_total.labels(what=what).inc(n)
     if res.leases or res.pods or res.drains:
-        log.info("reap: %d leases expired, %d silent pods removed, %d drain marks lapsed",
-                 res.leases, res.pods, res.drains)
+        log.info(
+            "reap: %d leases expired, %d silent pods removed, %d drain marks lapsed",
+            res.leases,
+            res.pods,
+            res.drains,
+        )
     if res.status == "fenced":
         term.step_down("reap was fenced")
     elif res.status == "stale":

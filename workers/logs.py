@@ -29,7 +29,7 @@ from typing import IO, Any, Final
 
 import orjson
 
-from core.settings import Settings
+from tierpool.core.settings import Settings
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -39,9 +39,11 @@ _LEVELS: Final = {
 }
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_RECORD_ATTRS: Final = frozenset(
-    logging.LogRecord("", 0, "", 0, "", (), None).__dict__
-) | {"message", "asctime", "taskName"}
+_RECORD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
 
 _bound: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
     "tierpool_log_fields", default=MappingProxyType({})
@@ -151,9 +153,7 @@ def setup_logging(settings: Settings, *, stream: IO[str] | None = None) -> None:
         root.removeHandler(old)
         old.close()
     handler = _TierpoolHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if settings.log_format == "json" else ConsoleFormatter()
-    )
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else ConsoleFormatter())
     handler.addFilter(_BindFilter())
     root.addHandler(handler)
     root.setLevel(_LEVELS[settings.log_level])

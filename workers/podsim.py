@@ -1,6 +1,6 @@
 """``tierpool pod-sim``: N simulated pods in one process, for ``tierpool run`` and compose.
 
-Each simulated pod is a real :class:`~core.podagent.PodAgent` (register,
+Each simulated pod is a real :class:`tierpool.client.podagent.PodAgent` (register,
 heartbeat, drain, deregister); they share one client, so N pods cost two
 Redis connections. SIGTERM or SIGINT shuts every pod down gracefully: each
 drains, waits up to ``--grace`` for its calls to end, and deregisters.
@@ -26,14 +26,14 @@ import anyio
 from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 
-from core.client import TierpoolClient
-from core.errors import RequestTimeout, SettingsError, TierpoolError
-from core.keys import Keys
-from core.mux import backoff_s
-from core.podagent import PodAgent
-from core.redisconn import connect
-from core.settings import Settings
-from workers.cli import EXIT_OK, EXIT_USAGE
+from tierpool.client.client import TierpoolClient
+from tierpool.client.mux import backoff_s
+from tierpool.client.podagent import PodAgent
+from tierpool.core.errors import RequestTimeout, SettingsError, TierpoolError
+from tierpool.core.keys import Keys
+from tierpool.core.redisconn import connect
+from tierpool.core.settings import Settings
+from tierpool.workers.cli import EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,36 @@ _CALL_OVER_EVENTS: Final = frozenset({"released", "lease_expired", "call_lost"})
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("--pods", type=int, default=3, metavar="N",
-                        help="simulated pods (default 3)")
+    parser.add_argument(
+        "--pods", type=int, default=3, metavar="N", help="simulated pods (default 3)"
+    )
     parser.add_argument("--zone", choices=("open", "restricted"), default="open")
-    parser.add_argument("--capability", type=int, default=1, choices=range(1, 6), metavar="C",
-                        help="capability 1-5 of every pod (default 1)")
-    parser.add_argument("--prefix", default="sim",
-                        help="pod ids are PREFIX-0 .. PREFIX-(N-1) (default sim)")
-    parser.add_argument("--call-seconds", type=float, default=0.0, metavar="S",
-                        help="learn of calls from the audit log and end each after S seconds "
-                             "(default 0: heartbeat without calls)")
-    parser.add_argument("--grace", type=float, default=10.0, metavar="S",
-                        help="on SIGTERM, how long each pod waits for its calls (default 10)")
+    parser.add_argument(
+        "--capability",
+        type=int,
+        default=1,
+        choices=range(1, 6),
+        metavar="C",
+        help="capability 1-5 of every pod (default 1)",
+    )
+    parser.add_argument(
+        "--prefix", default="sim", help="pod ids are PREFIX-0 .. PREFIX-(N-1) (default sim)"
+    )
+    parser.add_argument(
+        "--call-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="learn of calls from the audit log and end each after S seconds "
+        "(default 0: heartbeat without calls)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM, how long each pod waits for its calls (default 10)",
+    )
 
 
 class PodSim:
@@ -68,9 +86,15 @@ class PodSim:
         for i in range(args.pods):
             pod_id = f"{args.prefix}-{i}"
             self.agents[pod_id] = PodAgent(
-                client, pod_id, f"http://{pod_id}.podsim.invalid:8080", zone=args.zone,
-                capability=args.capability, labels={"simulated": "true"},
-                heartbeat_s=heartbeat_s, report_calls=self.call_seconds > 0)
+                client,
+                pod_id,
+                f"http://{pod_id}.podsim.invalid:8080",
+                zone=args.zone,
+                capability=args.capability,
+                labels={"simulated": "true"},
+                heartbeat_s=heartbeat_s,
+                report_calls=self.call_seconds > 0,
+            )
 
     async def run(self, tg: TaskGroup) -> None:
         """Start every agent and wait until all are registered."""
@@ -142,8 +166,9 @@ async def serve(settings: Settings, args: argparse.Namespace) -> None:
     keys = Keys(settings.namespace)
     events_redis = connect(settings.redis_url, client_name="tierpool-podsim-events")
     try:
-        async with TierpoolClient.from_url(settings.redis_url, namespace=settings.namespace,
-                                           client_name="tierpool-podsim") as client:
+        async with TierpoolClient.from_url(
+            settings.redis_url, namespace=settings.namespace, client_name="tierpool-podsim"
+        ) as client:
             sim = PodSim(client, args, settings.heartbeat_s)
             async with anyio.create_task_group() as tg:
                 if sim.call_seconds > 0:
@@ -186,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     if args.pods < 0 or args.call_seconds < 0 or args.grace < 0:
         sys.stderr.write("tierpool pod-sim: --pods, --call-seconds and --grace must be >= 0\n")
         return EXIT_USAGE
-    from workers.logs import setup_logging
+    from tierpool.workers.logs import setup_logging
 
     setup_logging(settings)
     anyio.run(serve, settings, args)

@@ -1,4 +1,4 @@
-"""Start ``python -m workers`` as a child process: one recipe for tests and the bench.
+"""Start ``python -m tierpool.workers`` as a child process: one recipe for tests and the bench.
 
 The child gets the caller's environment minus any ``TIERPOOL_*``,
 ``REDIS_URL`` and ``METRICS_PORT`` of its own (so a developer's shell cannot
@@ -13,20 +13,27 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from core.redisproc import free_port
+from tierpool.workers.redisproc import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def spawn_worker(
-    redis_url: str, namespace: str, log_path: Path, *,
-    env: Mapping[str, str] | None = None, args: Sequence[str] = (),
+    redis_url: str,
+    namespace: str,
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[bytes], int]:
     """The started worker (stdout and stderr to ``log_path``) and its metrics port."""
     port = free_port()
     full = {
-        **{k: v for k, v in os.environ.items()
-           if not k.startswith("TIERPOOL_") and k not in ("REDIS_URL", "METRICS_PORT")},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("TIERPOOL_") and k not in ("REDIS_URL", "METRICS_PORT")
+        },
         **(env or {}),
         "REDIS_URL": redis_url,
         "TIERPOOL_NAMESPACE": namespace,
@@ -35,6 +42,10 @@ def spawn_worker(
     }
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", *args], cwd=ROOT, env=full,
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "tierpool.workers", *args],
+            env=full,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     return proc, port

@@ -32,9 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.clock import monotonic_s
-from core.keys import GROUP, REQUEST_KINDS, Keys
-from workers.context import Health
+from tierpool.core.clock import monotonic_s
+from tierpool.core.keys import GROUP, REQUEST_KINDS, Keys
+from tierpool.workers.context import Health
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,11 @@ class Outage:
         if self.since is None:
             self.since = monotonic_s()
             self._delay = BACKOFF_FIRST_S
-            log.warning("Redis unavailable (%s: %s); retrying until it answers",
-                        where, exc or type(exc).__name__)
+            log.warning(
+                "Redis unavailable (%s: %s); retrying until it answers",
+                where,
+                exc or type(exc).__name__,
+            )
         if self.health is not None:
             self.health.redis_ok = False
         delay, self._delay = self._delay, min(self._delay * 2, BACKOFF_CAP_S)
@@ -166,22 +169,23 @@ async def read_infos(redis: Redis, streams: Sequence[str]) -> list[StreamInfo]:
         answers = await pipe.execute(raise_on_error=False)
     infos: list[StreamInfo] = []
     for i, stream in enumerate(streams):
-        length, groups, summary = answers[3 * i: 3 * i + 3]
+        length, groups, summary = answers[3 * i : 3 * i + 3]
         if isinstance(length, REDIS_DOWN):
             raise length
         group = _group_of(groups)
         pending_ok = isinstance(summary, Mapping)
         lag = group.get("lag") if group is not None else None
-        infos.append(StreamInfo(
-            stream=stream,
-            length=length if isinstance(length, int) else 0,
-            has_group=group is not None and pending_ok,
-            lag=lag if isinstance(lag, int) else None,
-            pending=int(summary["pending"]) if pending_ok else 0,
-            last_delivered=str(group.get("last-delivered-id") or "") if group else "",
-            oldest_pending=(str(summary["min"]) if pending_ok and summary.get("min")
-                            else None),
-        ))
+        infos.append(
+            StreamInfo(
+                stream=stream,
+                length=length if isinstance(length, int) else 0,
+                has_group=group is not None and pending_ok,
+                lag=lag if isinstance(lag, int) else None,
+                pending=int(summary["pending"]) if pending_ok else 0,
+                last_delivered=str(group.get("last-delivered-id") or "") if group else "",
+                oldest_pending=(str(summary["min"]) if pending_ok and summary.get("min") else None),
+            )
+        )
     return infos
 
 
@@ -211,13 +215,19 @@ async def trim_streams(
             raise answer
         removed[info.stream] = int(answer)
         now = monotonic_s()
-        if (info.length - int(answer) > backlog_warn
-                and now - _backlog_warned.get(info.stream, -BACKLOG_WARN_EVERY_S)
-                >= BACKLOG_WARN_EVERY_S):
+        if (
+            info.length - int(answer) > backlog_warn
+            and now - _backlog_warned.get(info.stream, -BACKLOG_WARN_EVERY_S)
+            >= BACKLOG_WARN_EVERY_S
+        ):
             _backlog_warned[info.stream] = now
-            log.warning("stream %s holds %d entries still to be processed (more than "
-                        "TIERPOOL_STREAM_MAXLEN=%d); not trimmed: they would be lost",
-                        info.stream, info.length - int(answer), backlog_warn)
+            log.warning(
+                "stream %s holds %d entries still to be processed (more than "
+                "TIERPOOL_STREAM_MAXLEN=%d); not trimmed: they would be lost",
+                info.stream,
+                info.length - int(answer),
+                backlog_warn,
+            )
     return removed
 
 

@@ -27,16 +27,15 @@ from typing import Any, Final
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from core import metrics
-from core.clock import now_ms
-from core.errors import SettingsError
-from core.keys import GROUP
-from core.settings import Settings, unknown_tierpool_variables
-from workers import gauges, http, leader
-from workers.claimer import Claimer, remove_consumers
-from workers.consumer import Consumer
-from workers.context import WorkerContext
-from workers.streams import BACKOFF_CAP_S, REDIS_DOWN, LoopControl, Outage
+from tierpool.core.clock import now_ms
+from tierpool.core.errors import SettingsError
+from tierpool.core.keys import GROUP
+from tierpool.core.settings import Settings, unknown_tierpool_variables
+from tierpool.workers import gauges, http, leader, metrics
+from tierpool.workers.claimer import Claimer, remove_consumers
+from tierpool.workers.consumer import Consumer
+from tierpool.workers.context import WorkerContext
+from tierpool.workers.streams import BACKOFF_CAP_S, REDIS_DOWN, LoopControl, Outage
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +82,13 @@ class Worker:
                     if self._stop.is_set():
                         startup.cancel()
                     await self._start_roles(tg)
-                    log.info("worker ready", extra={
-                        "worker_id": self.ctx.worker_id, "namespace": self.ctx.keys.namespace})
+                    log.info(
+                        "worker ready",
+                        extra={
+                            "worker_id": self.ctx.worker_id,
+                            "namespace": self.ctx.keys.namespace,
+                        },
+                    )
                     self.ready.set()
                 self._startup = None
                 task_status.started()
@@ -209,24 +213,31 @@ class Worker:
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
-        "--without", action="append", default=[], choices=ROLE_NAMES, metavar="ROLE",
+        "--without",
+        action="append",
+        default=[],
+        choices=ROLE_NAMES,
+        metavar="ROLE",
         help=f"do not start this role (repeatable; one of {', '.join(ROLE_NAMES)}). "
-             "The consumer and the claimer always run.")
+        "The consumer and the claimer always run.",
+    )
 
 
 def _setup_logging(settings: Settings) -> None:
     try:
-        from workers.logs import setup_logging
+        from tierpool.workers.logs import setup_logging
     except ImportError:  # pragma: no cover - workers.logs is written alongside
-        logging.basicConfig(level=settings.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         return
     setup_logging(settings)
 
 
 def _bind_log_fields(ctx: WorkerContext) -> None:
     try:
-        from workers.logs import bind
+        from tierpool.workers.logs import bind
     except ImportError:  # pragma: no cover
         return
     bind(worker_id=ctx.worker_id, namespace=ctx.keys.namespace)

@@ -1,7 +1,7 @@
 """The client library as the operator commands use it: opened from the command's settings.
 
 Kept apart from :mod:`workers.ops.common` so that read-only commands
-(status, pods, events, dead) never import ``core.client``.
+(status, pods, events, dead) never import ``tierpool.client``.
 """
 
 from __future__ import annotations
@@ -12,16 +12,17 @@ from typing import Any
 
 import msgspec
 
-from core.client import TierpoolClient
-from schemas import Reply
-from workers.ops.common import Ops
+from tierpool.client.client import TierpoolClient
+from tierpool.schemas import Reply
+from tierpool.workers.ops.common import Ops
 
 
 @contextlib.asynccontextmanager
 async def tierpool_client(ops: Ops) -> AsyncIterator[TierpoolClient]:
     """A started client; requests time out after ``--timeout`` (RequestTimeout: exit 4)."""
     async with TierpoolClient.from_url(
-        ops.settings.redis_url, namespace=ops.settings.namespace,
+        ops.settings.redis_url,
+        namespace=ops.settings.namespace,
         default_timeout_s=float(ops.args.timeout),
     ) as client:
         yield client

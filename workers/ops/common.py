@@ -1,6 +1,6 @@
 """What every operator command shares: options, settings, exit codes, output.
 
-Exit codes (``workers.cli``): 0 ok, 1 the operation failed or was refused,
+Exit codes (``tierpool.workers.cli``): 0 ok, 1 the operation failed or was refused,
 2 bad usage or settings, 3 Redis unreachable, 4 timed out waiting for a
 reply. Results go to stdout (a table, or JSON with ``--json``); errors and
 logs go to stderr, so ``tierpool status --json | jq`` always works.
@@ -23,15 +23,27 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.errors import InvalidMessage, RedisUnavailable, RequestTimeout, SettingsError
-from core.keys import Keys
-from core.redisconn import connect
-from core.settings import Settings, mask_url
-from workers.cli import EXIT_FAILED, EXIT_OK, EXIT_REDIS, EXIT_TIMEOUT, EXIT_USAGE
+from tierpool.core.errors import InvalidMessage, RedisUnavailable, RequestTimeout, SettingsError
+from tierpool.core.keys import Keys
+from tierpool.core.redisconn import connect
+from tierpool.core.settings import Settings, mask_url
+from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_REDIS, EXIT_TIMEOUT, EXIT_USAGE
 
 __all__ = [
-    "EXIT_FAILED", "EXIT_OK", "EXIT_REDIS", "EXIT_TIMEOUT", "EXIT_USAGE",
-    "Ops", "add_common", "ago", "error", "run", "table", "when", "write", "write_json",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_REDIS",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "Ops",
+    "add_common",
+    "ago",
+    "error",
+    "run",
+    "table",
+    "when",
+    "write",
+    "write_json",
 ]
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -40,16 +52,27 @@ DEFAULT_TIMEOUT_S = 10.0
 def add_common(parser: argparse.ArgumentParser, *, timeout: bool = False) -> None:
     """``--redis-url``, ``--namespace``, ``--json`` (and ``--timeout`` for requests)."""
     parser.add_argument(
-        "--redis-url", default=None, metavar="URL",
-        help="Redis to use (default: $REDIS_URL, else redis://localhost:6379)")
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="Redis to use (default: $REDIS_URL, else redis://localhost:6379)",
+    )
     parser.add_argument(
-        "--namespace", "-n", default=None, metavar="NS",
-        help="tierpool namespace (default: $TIERPOOL_NAMESPACE, else default)")
+        "--namespace",
+        "-n",
+        default=None,
+        metavar="NS",
+        help="tierpool namespace (default: $TIERPOOL_NAMESPACE, else default)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     if timeout:
         parser.add_argument(
-            "--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
-            help=f"seconds to wait for the reply (default {DEFAULT_TIMEOUT_S:g}); exit 4 after")
+            "--timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT_S,
+            metavar="S",
+            help=f"seconds to wait for the reply (default {DEFAULT_TIMEOUT_S:g}); exit 4 after",
+        )
 
 
 def settings_for(args: argparse.Namespace) -> Settings:
@@ -106,8 +129,9 @@ def run(args: argparse.Namespace, body: Callable[[Ops], Awaitable[int]]) -> int:
         if isinstance(leaf, RequestTimeout | TimeoutError):
             error(command, f"timed out: {leaf}")
             return EXIT_TIMEOUT
-        if isinstance(leaf, RedisConnectionError | RedisTimeoutError | ConnectionError
-                      | RedisUnavailable):
+        if isinstance(
+            leaf, RedisConnectionError | RedisTimeoutError | ConnectionError | RedisUnavailable
+        ):
             error(command, f"cannot reach Redis at {mask_url(settings.redis_url)}: {leaf}")
             return EXIT_REDIS
         raise

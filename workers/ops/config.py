@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from core.errors import TierConfigError
-from core.tierconfig import TierConfig, parse_tier_config, to_wire_dict
-from schemas import MerchantPolicy
-from workers.ops.common import (
+from tierpool.core.errors import TierConfigError
+from tierpool.core.tierconfig import TierConfig, parse_tier_config, to_wire_dict
+from tierpool.schemas import MerchantPolicy
+from tierpool.workers.ops.common import (
     EXIT_FAILED,
     EXIT_OK,
     Ops,
@@ -41,8 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         put = sub.add_parser("set", help="replace the tier config (waits for the reply)")
         add_common(put, timeout=True)
         put.add_argument("file", metavar="FILE", help="JSON tier config ('-' = stdin)")
-        put.add_argument("--expected-version", type=int, metavar="N",
-                         help="apply only if the config in force is version N")
+        put.add_argument(
+            "--expected-version",
+            type=int,
+            metavar="N",
+            help="apply only if the config in force is version N",
+        )
         check = sub.add_parser("validate", help="check a tier config file locally")
         check.add_argument("file", metavar="FILE", help="JSON tier config ('-' = stdin)")
         check.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -87,20 +91,29 @@ def _parse(args: argparse.Namespace) -> tuple[str, TierConfig | None, list[str]]
 
 
 def describe_config(cfg: TierConfig) -> str:
-    rows = [[t.name, t.type, t.target, t.max_concurrent, t.zone, t.capability]
-            for t in (cfg.tier(n) for n in cfg.pools)]
-    return "\n".join([
-        table(["TIER", "TYPE", "TARGET", "MAX CONCURRENT", "ZONE", "CAPABILITY"], rows),
-        "",
-        "default chain: " + (" > ".join(cfg.default_chain) or "(empty)"),
-    ])
+    rows = [
+        [t.name, t.type, t.target, t.max_concurrent, t.zone, t.capability]
+        for t in (cfg.tier(n) for n in cfg.pools)
+    ]
+    return "\n".join(
+        [
+            table(["TIER", "TYPE", "TARGET", "MAX CONCURRENT", "ZONE", "CAPABILITY"], rows),
+            "",
+            "default chain: " + (" > ".join(cfg.default_chain) or "(empty)"),
+        ]
+    )
 
 
 def _validate(args: argparse.Namespace) -> int:
     _text, cfg, problems = _parse(args)
     if args.json:
-        write_json({"valid": cfg is not None, "problems": problems,
-                    "config": to_wire_dict(cfg) if cfg else None})
+        write_json(
+            {
+                "valid": cfg is not None,
+                "problems": problems,
+                "config": to_wire_dict(cfg) if cfg else None,
+            }
+        )
     elif cfg is None:
         error("config validate", f"{args.file}: {len(problems)} problem(s)")
         for problem in problems:
@@ -134,7 +147,7 @@ async def _config_set(ops: Ops) -> int:
         for problem in problems:
             sys.stderr.write(f"  - {problem}\n")
         return EXIT_FAILED
-    from workers.ops.client import reply_doc, tierpool_client
+    from tierpool.workers.ops.client import reply_doc, tierpool_client
 
     async with tierpool_client(ops) as client:
         reply = await client.change_config(text, expected_version=args.expected_version)
@@ -151,8 +164,10 @@ def _report(ops: Ops, doc: dict[str, Any], success: str) -> int:
         status = doc.get("status")
         detail = doc.get("error") or ""
         if status == "conflict" and not detail:
-            detail = (f"the config in force is version {doc.get('config_version')}, "
-                      f"not --expected-version {ops.args.expected_version}")
+            detail = (
+                f"the config in force is version {doc.get('config_version')}, "
+                f"not --expected-version {ops.args.expected_version}"
+            )
         error(ops.args._command + " " + ops.args.action, f"{status}: {detail}".rstrip(": "))
     return EXIT_OK if doc.get("status") == success else EXIT_FAILED
 
@@ -174,11 +189,21 @@ async def _merchant_get(ops: Ops) -> int:
     if not policies:
         write("no merchant policies")
         return EXIT_OK
-    write(table(
-        ["MERCHANT", "POOL", "FALLBACK", "ZONE", "MIN CAPABILITY"],
-        [[m, p.get("pool"), ",".join(p.get("fallback") or []) or None, p.get("zone"),
-          p.get("min_capability")] for m, p in policies.items()],
-    ))
+    write(
+        table(
+            ["MERCHANT", "POOL", "FALLBACK", "ZONE", "MIN CAPABILITY"],
+            [
+                [
+                    m,
+                    p.get("pool"),
+                    ",".join(p.get("fallback") or []) or None,
+                    p.get("zone"),
+                    p.get("min_capability"),
+                ]
+                for m, p in policies.items()
+            ],
+        )
+    )
     return EXIT_OK
 
 
@@ -188,9 +213,12 @@ async def _merchant_change(ops: Ops) -> int:
     if args.action == "set":
         fallback = [p.strip() for p in (args.fallback or "").split(",") if p.strip()]
         policy = MerchantPolicy(
-            pool=args.pool, fallback=tuple(fallback) if fallback else None, zone=args.zone,
-            min_capability=args.min_capability)
-    from workers.ops.client import reply_doc, tierpool_client
+            pool=args.pool,
+            fallback=tuple(fallback) if fallback else None,
+            zone=args.zone,
+            min_capability=args.min_capability,
+        )
+    from tierpool.workers.ops.client import reply_doc, tierpool_client
 
     async with tierpool_client(ops) as client:
         reply = await client.set_merchant(args.merchant_id, policy)

@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 from redis.exceptions import WatchError
 
-from workers.gauges import stream_label
-from workers.ops.common import (
+from tierpool.workers.gauges import stream_label
+from tierpool.workers.ops.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -31,19 +31,30 @@ from workers.ops.common import (
     write,
     write_json,
 )
-from workers.ops.events import entries_of
+from tierpool.workers.ops.events import entries_of
 
 REQUEUE_ATTEMPTS = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_common(parser)
-    parser.add_argument("action", nargs="?", choices=("list", "requeue"), default="list",
-                        help="list (default) or requeue")
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=("list", "requeue"),
+        default="list",
+        help="list (default) or requeue",
+    )
     parser.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids to requeue")
     parser.add_argument("--all", action="store_true", help="requeue every dead letter")
-    parser.add_argument("--count", "-c", type=int, default=50, metavar="N",
-                        help="list at most N, newest last (default 50)")
+    parser.add_argument(
+        "--count",
+        "-c",
+        type=int,
+        default=50,
+        metavar="N",
+        help="list at most N, newest last (default 50)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -86,11 +97,22 @@ async def _list(ops: Ops) -> int:
     if not docs:
         write("no dead letters")
         return EXIT_OK
-    write(table(
-        ["ID", "WHEN", "STREAM", "REQUEST ID", "DELIVERIES", "ERROR"],
-        [[d["id"], when(d["at_ms"]), d["stream"], d["request_id"], d["deliveries"], d["error"]]
-         for d in docs],
-    ))
+    write(
+        table(
+            ["ID", "WHEN", "STREAM", "REQUEST ID", "DELIVERIES", "ERROR"],
+            [
+                [
+                    d["id"],
+                    when(d["at_ms"]),
+                    d["stream"],
+                    d["request_id"],
+                    d["deliveries"],
+                    d["error"],
+                ]
+                for d in docs
+            ],
+        )
+    )
     total = await ops.redis.xlen(ops.keys.dead)
     if total > len(docs):
         write(f"\n{len(docs)} of {total} shown (--count)")
@@ -110,8 +132,10 @@ async def _requeue(ops: Ops) -> int:
             if "error" in r:
                 write(f"{r['id']}: not requeued: {r['error']}")
             else:
-                write(f"{r['id']}: requeued to {r['stream']} as {r['new_id']}"
-                      + (f" (request {r['request_id']})" if r["request_id"] else ""))
+                write(
+                    f"{r['id']}: requeued to {r['stream']} as {r['new_id']}"
+                    + (f" (request {r['request_id']})" if r["request_id"] else "")
+                )
         if not results:
             write("no dead letters")
     return EXIT_FAILED if any("error" in r for r in results) else EXIT_OK
@@ -133,22 +157,34 @@ async def requeue_one(ops: Ops, entry_id: str) -> dict[str, Any]:
                 return {"id": entry_id, "error": "no such dead letter"}
             doc = dead_doc(ops, entry_id, found[0][1])
             if doc["stream_key"] not in allowed:
-                return {"id": entry_id,
-                        "error": f"stream {doc['stream_key']!r} is not a request or pod stream"}
+                return {
+                    "id": entry_id,
+                    "error": f"stream {doc['stream_key']!r} is not a request or pod stream",
+                }
             if not isinstance(doc["fields"], dict) or not doc["fields"]:
-                return {"id": entry_id,
-                        "error": "the original fields are missing or not a JSON object"}
+                return {
+                    "id": entry_id,
+                    "error": "the original fields are missing or not a JSON object",
+                }
             original = {str(k): _text(v) for k, v in doc["fields"].items()}
             pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.xadd(doc["stream_key"], original,  # type: ignore[arg-type]
-                      maxlen=ops.settings.stream_maxlen, approximate=True)
+            pipe.xadd(
+                doc["stream_key"],
+                original,  # type: ignore[arg-type]
+                maxlen=ops.settings.stream_maxlen,
+                approximate=True,
+            )
             pipe.xdel(dead, entry_id)
             try:
                 new_id, _deleted = await pipe.execute()
             except WatchError:
                 continue  # the dead stream changed meanwhile: look again
-            return {"id": entry_id, "stream": doc["stream"], "new_id": new_id,
-                    "request_id": doc["request_id"]}
+            return {
+                "id": entry_id,
+                "stream": doc["stream"],
+                "new_id": new_id,
+                "request_id": doc["request_id"],
+            }
     return {"id": entry_id, "error": "the dead stream kept changing; try again"}
 
 

@@ -15,19 +15,30 @@ from typing import Any, cast
 import anyio
 import orjson
 
-from workers.ops.common import EXIT_OK, Ops, add_common, run, when, write, write_json
+from tierpool.workers.ops.common import EXIT_OK, Ops, add_common, run, when, write, write_json
 
 FOLLOW_BLOCK_MS = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_common(parser)
-    parser.add_argument("--count", "-c", type=int, default=20, metavar="N",
-                        help="how many of the latest events to show first (default 20)")
-    parser.add_argument("--follow", "-f", action="store_true",
-                        help="keep printing new events until Ctrl-C")
-    parser.add_argument("--type", dest="event_type", metavar="EVENT",
-                        help="only events of this type (allocated, released, drained...)")
+    parser.add_argument(
+        "--count",
+        "-c",
+        type=int,
+        default=20,
+        metavar="N",
+        help="how many of the latest events to show first (default 20)",
+    )
+    parser.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing new events until Ctrl-C"
+    )
+    parser.add_argument(
+        "--type",
+        dest="event_type",
+        metavar="EVENT",
+        help="only events of this type (allocated, released, drained...)",
+    )
     parser.add_argument("--pod", metavar="POD_ID", help="only events about this pod")
     parser.add_argument("--call", metavar="CALL_ID", help="only events about this call")
     parser.add_argument("--pool", metavar="POOL", help="only events about this pool")
@@ -38,15 +49,20 @@ def main(args: argparse.Namespace) -> int:
 
 
 def matches(fields: dict[str, str], args: argparse.Namespace) -> bool:
-    wanted = (("event", args.event_type), ("pod_id", args.pod), ("call_id", args.call),
-              ("pool", args.pool))
+    wanted = (
+        ("event", args.event_type),
+        ("pod_id", args.pod),
+        ("call_id", args.call),
+        ("pool", args.pool),
+    )
     return all(value is None or fields.get(key) == value for key, value in wanted)
 
 
 def format_event(entry_id: str, fields: dict[str, str]) -> str:
     """``2024-05-01 12:00:00.123  allocated  call_id=c1 pod_id=p1 ...  [entry id]``."""
-    rest = " ".join(f"{k}={v}" for k, v in fields.items()
-                    if k not in ("event", "at_ms") and v != "")
+    rest = " ".join(
+        f"{k}={v}" for k, v in fields.items() if k not in ("event", "at_ms") and v != ""
+    )
     stamp = when(fields.get("at_ms") or entry_id.split("-", 1)[0])
     return f"{stamp}  {fields.get('event', '?'):<14} {rest}  [{entry_id}]"
 

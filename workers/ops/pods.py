@@ -12,9 +12,19 @@ from typing import Any, Final
 
 import orjson
 
-from core.errors import TierConfigError
-from core.tierconfig import TierConfig, parse_tier_config
-from workers.ops.common import EXIT_OK, Ops, add_common, ago, run, table, when, write, write_json
+from tierpool.core.errors import TierConfigError
+from tierpool.core.tierconfig import TierConfig, parse_tier_config
+from tierpool.workers.ops.common import (
+    EXIT_OK,
+    Ops,
+    add_common,
+    ago,
+    run,
+    table,
+    when,
+    write,
+    write_json,
+)
 
 STATES: Final = ("free", "busy", "full", "draining", "silent", "unassigned")
 
@@ -35,15 +45,34 @@ async def read_pods(ops: Ops) -> tuple[list[dict[str, Any]], int]:
     k = ops.keys
     async with ops.redis.pipeline(transaction=False) as pipe:
         pipe.time()
-        for key in (k.pod_pool, k.pod_endpoint, k.pod_zone, k.pod_capability, k.pod_load,
-                    k.pod_calls, k.pod_labels):
+        for key in (
+            k.pod_pool,
+            k.pod_endpoint,
+            k.pod_zone,
+            k.pod_capability,
+            k.pod_load,
+            k.pod_calls,
+            k.pod_labels,
+        ):
             pipe.hgetall(key)
         pipe.zrange(k.pod_seen, 0, -1, withscores=True)
         pipe.zrange(k.pod_draining, 0, -1, withscores=True)
         pipe.get(k.config)
         pipe.get(k.config_version)
-        (secs, micros), pool, endpoint, zone, cap, load, calls, labels, seen, draining, \
-            cfg_raw, cfg_version = await pipe.execute()
+        (
+            (secs, micros),
+            pool,
+            endpoint,
+            zone,
+            cap,
+            load,
+            calls,
+            labels,
+            seen,
+            draining,
+            cfg_raw,
+            cfg_version,
+        ) = await pipe.execute()
     now_ms = int(secs) * 1000 + int(micros) // 1000
     config = _config(cfg_raw, cfg_version)
     seen_ms = {p: int(s) for p, s in seen}
@@ -65,20 +94,22 @@ async def read_pods(ops: Ops) -> tuple[list[dict[str, Any]], int]:
             state = "full"
         else:
             state = "free" if pod_load == 0 else "busy"
-        out.append({
-            "pod_id": pod,
-            "pool": pool_name or None,
-            "state": state,
-            "zone": zone.get(pod),
-            "capability": int(cap[pod]) if cap.get(pod) else None,
-            "load": pod_load,
-            "max_concurrent": max_concurrent,
-            "calls": (calls.get(pod) or "").split(),
-            "last_seen_ms": last,
-            "draining_until_ms": drain_ms.get(pod),
-            "endpoint": endpoint.get(pod),
-            "labels": orjson.loads(labels[pod]) if labels.get(pod) else {},
-        })
+        out.append(
+            {
+                "pod_id": pod,
+                "pool": pool_name or None,
+                "state": state,
+                "zone": zone.get(pod),
+                "capability": int(cap[pod]) if cap.get(pod) else None,
+                "load": pod_load,
+                "max_concurrent": max_concurrent,
+                "calls": (calls.get(pod) or "").split(),
+                "last_seen_ms": last,
+                "draining_until_ms": drain_ms.get(pod),
+                "endpoint": endpoint.get(pod),
+                "labels": orjson.loads(labels[pod]) if labels.get(pod) else {},
+            }
+        )
     out.sort(key=lambda p: (p["pool"] is None, p["pool"] or "", p["pod_id"]))
     return out, now_ms
 
@@ -108,15 +139,21 @@ async def _pods(ops: Ops) -> int:
     rows = []
     for p in pods:
         load = f"{p['load']}/{p['max_concurrent']}" if p["max_concurrent"] else str(p["load"])
-        row = [p["pod_id"], p["pool"] or "-", p["state"], p["zone"], p["capability"], load,
-               ago(p["last_seen_ms"], now_ms),
-               when(p["draining_until_ms"]) if p["draining_until_ms"] else None,
-               p["endpoint"]]
+        row = [
+            p["pod_id"],
+            p["pool"] or "-",
+            p["state"],
+            p["zone"],
+            p["capability"],
+            load,
+            ago(p["last_seen_ms"], now_ms),
+            when(p["draining_until_ms"]) if p["draining_until_ms"] else None,
+            p["endpoint"],
+        ]
         if args.calls:
             row.append(" ".join(p["calls"]) or None)
         rows.append(row)
-    headers = ["POD", "POOL", "STATE", "ZONE", "CAP", "CALLS", "SEEN", "DRAINING UNTIL",
-               "ENDPOINT"]
+    headers = ["POD", "POOL", "STATE", "ZONE", "CAP", "CALLS", "SEEN", "DRAINING UNTIL", "ENDPOINT"]
     if args.calls:
         headers.append("CALL IDS")
     write(table(headers, rows))

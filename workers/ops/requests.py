@@ -13,11 +13,23 @@ from __future__ import annotations
 import argparse
 from typing import Any, Final
 
-from workers.ops.client import reply_doc, tierpool_client
-from workers.ops.common import EXIT_FAILED, EXIT_OK, Ops, add_common, run, when, write, write_json
+from tierpool.workers.ops.client import reply_doc, tierpool_client
+from tierpool.workers.ops.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Ops,
+    add_common,
+    run,
+    when,
+    write,
+    write_json,
+)
 
 SUCCESS: Final = {
-    "drain": "drained", "undrain": "undrained", "allocate": "allocated", "release": "released",
+    "drain": "drained",
+    "undrain": "undrained",
+    "allocate": "allocated",
+    "release": "released",
 }
 
 
@@ -57,9 +69,18 @@ async def _request(ops: Ops) -> int:
             reply = await client.release(args.call_id)
         else:
             options: dict[str, Any] = {
-                k: getattr(args, k) for k in (
-                    "merchant_id", "zone", "min_capability", "tier_mode", "provider",
-                    "flow", "template") if getattr(args, k) is not None}
+                k: getattr(args, k)
+                for k in (
+                    "merchant_id",
+                    "zone",
+                    "min_capability",
+                    "tier_mode",
+                    "provider",
+                    "flow",
+                    "template",
+                )
+                if getattr(args, k) is not None
+            }
             if args.chain:
                 options["chain"] = [p.strip() for p in args.chain.split(",") if p.strip()]
             reply = await client.allocate(args.call_id, **options)
@@ -86,9 +107,10 @@ def describe(doc: dict[str, Any]) -> str:
     if status == "rejected":
         lines = ["rejected: no pod satisfies the request"]
         for r in doc.get("reasons") or []:
-            lines.append(f"  - {r.get('filter')}: {r.get('detail')}"
-                         + (f" (try: {r['suggested_action']})" if r.get("suggested_action")
-                            else ""))
+            lines.append(
+                f"  - {r.get('filter')}: {r.get('detail')}"
+                + (f" (try: {r['suggested_action']})" if r.get("suggested_action") else "")
+            )
         return "\n".join(lines)
     rest = {k: v for k, v in doc.items() if k not in ("status", "request_id")}
     return status + ("" if not rest else ": " + " ".join(f"{k}={v}" for k, v in rest.items()))

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from core.errors import TierConfigError
-from core.tierconfig import TierConfig, parse_tier_config
-from workers.gauges import POD_STATES, ClusterView, PoolGauges, read_view
-from workers.ops.common import EXIT_OK, Ops, add_common, ago, run, table, write, write_json
+from tierpool.core.errors import TierConfigError
+from tierpool.core.tierconfig import TierConfig, parse_tier_config
+from tierpool.workers.gauges import POD_STATES, ClusterView, PoolGauges, read_view
+from tierpool.workers.ops.common import EXIT_OK, Ops, add_common, ago, run, table, write, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -56,17 +56,19 @@ def status_doc(
     for name in names:
         tier = config.get(name) if config else None
         g = view.pools.get(name, PoolGauges())
-        pools.append({
-            "pool": name,
-            "type": tier.type if tier else None,
-            "target": tier.target if tier else None,
-            "max_concurrent": tier.max_concurrent if tier else g.max_concurrent,
-            "configured": tier is not None,
-            "pods": g.pods,
-            **{state: getattr(g, state) for state in POD_STATES},
-            "free_capacity": g.free_capacity,
-            "calls": g.calls,
-        })
+        pools.append(
+            {
+                "pool": name,
+                "type": tier.type if tier else None,
+                "target": tier.target if tier else None,
+                "max_concurrent": tier.max_concurrent if tier else g.max_concurrent,
+                "configured": tier is not None,
+                "pods": g.pods,
+                **{state: getattr(g, state) for state in POD_STATES},
+                "free_capacity": g.free_capacity,
+                "calls": g.calls,
+            }
+        )
     alive = view.workers_alive(alive_within_ms)
     holder = view.leader_holder
     return {
@@ -80,14 +82,21 @@ def status_doc(
             for w, seen in view.workers
         ],
         "gauges_at_ms": view.gauges_at_ms,
-        "gauges_age_s": None if view.gauges_at_ms is None
+        "gauges_age_s": None
+        if view.gauges_at_ms is None
         else round(max(0, view.now_ms - view.gauges_at_ms) / 1000, 3),
         "pools": pools,
         "unassigned_pods": view.unassigned,
         "active_calls": view.active_calls,
         "streams": [
-            {"stream": s.label, "length": s.length, "consumed": s.consumed,
-             "lag": s.lag, "pending": s.pending, "consumers": s.consumers}
+            {
+                "stream": s.label,
+                "length": s.length,
+                "consumed": s.consumed,
+                "lag": s.lag,
+                "pending": s.pending,
+                "consumers": s.consumers,
+            }
             for s in view.streams
         ],
     }
@@ -112,22 +121,55 @@ def render(doc: dict[str, Any], view: ClusterView) -> str:
         lines.append("default chain: " + " > ".join(doc["default_chain"]))
     lines.append("")
     rows = [
-        [p["pool"] + ("" if p["configured"] else " (removed)"), p["type"], p["target"],
-         p["pods"], p["free"], p["busy"], p["full"], p["draining"], p["silent"],
-         p["free_capacity"], p["calls"]]
+        [
+            p["pool"] + ("" if p["configured"] else " (removed)"),
+            p["type"],
+            p["target"],
+            p["pods"],
+            p["free"],
+            p["busy"],
+            p["full"],
+            p["draining"],
+            p["silent"],
+            p["free_capacity"],
+            p["calls"],
+        ]
         for p in doc["pools"]
     ]
-    lines.append(table(["POOL", "TYPE", "TARGET", "PODS", "FREE", "BUSY", "FULL", "DRAINING",
-                        "SILENT", "FREE CAP", "CALLS"], rows))
+    lines.append(
+        table(
+            [
+                "POOL",
+                "TYPE",
+                "TARGET",
+                "PODS",
+                "FREE",
+                "BUSY",
+                "FULL",
+                "DRAINING",
+                "SILENT",
+                "FREE CAP",
+                "CALLS",
+            ],
+            rows,
+        )
+    )
     lines.append("")
     lines.append(f"unassigned pods {doc['unassigned_pods']}   active calls {doc['active_calls']}")
     lines.append("")
-    lines.append(table(
-        ["STREAM", "LENGTH", "LAG", "PENDING", "CONSUMERS"],
-        [[s["stream"], s["length"],
-          (s["lag"] if s["lag"] is not None else "?") if s["consumed"] else None,
-          s["pending"] if s["consumed"] else None,
-          s["consumers"] if s["consumed"] else None]
-         for s in doc["streams"]],
-    ))
+    lines.append(
+        table(
+            ["STREAM", "LENGTH", "LAG", "PENDING", "CONSUMERS"],
+            [
+                [
+                    s["stream"],
+                    s["length"],
+                    (s["lag"] if s["lag"] is not None else "?") if s["consumed"] else None,
+                    s["pending"] if s["consumed"] else None,
+                    s["consumers"] if s["consumed"] else None,
+                ]
+                for s in doc["streams"]
+            ],
+        )
+    )
     return "\n".join(lines)

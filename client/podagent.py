@@ -12,7 +12,7 @@ heartbeating while its calls finish, re-draining with each heartbeat so the
 drain mark cannot lapse while it is terminating (§14.11), and deregisters
 when its calls are over or the grace period has passed.
 
-Many agents can share one :class:`~core.client.TierpoolClient`: their
+Many agents can share one :class:`~tierpool.client.client.TierpoolClient`: their
 heartbeats then travel together over its two connections.
 """
 
@@ -24,12 +24,12 @@ from collections.abc import Mapping
 import anyio
 from anyio.abc import TaskStatus
 
-from core.client import TierpoolClient
-from core.clock import monotonic_s
-from core.errors import RedisUnavailable, RequestTimeout
-from core.mux import backoff_s
-from schemas import PodDeregister, PodHeartbeat, PodRegister, Reply
-from schemas.fields import PodZone
+from tierpool.client.client import TierpoolClient
+from tierpool.client.mux import backoff_s
+from tierpool.core.clock import monotonic_s
+from tierpool.core.errors import RedisUnavailable, RequestTimeout
+from tierpool.schemas import PodDeregister, PodHeartbeat, PodRegister, Reply
+from tierpool.schemas.fields import PodZone
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,12 @@ class PodAgent:
                 self._calls_changed = anyio.Event()
                 await self._calls_changed.wait()
         if self.calls:
-            log.warning("pod %s deregisters with %d calls still live after %.3gs grace",
-                        self.pod_id, len(self.calls), grace_s)
+            log.warning(
+                "pod %s deregisters with %d calls still live after %.3gs grace",
+                self.pod_id,
+                len(self.calls),
+                grace_s,
+            )
         self._stopping = True
         self._wake.set()
         if self._started:
@@ -142,9 +146,15 @@ class PodAgent:
         """Register, retrying with backoff until it is done or the agent stops."""
         failures = 0
         while not self._stopping:
-            reply = await self._send(PodRegister(
-                pod_id=self.pod_id, endpoint=self.endpoint, zone=self.zone,
-                capability=self.capability, labels=self.labels))
+            reply = await self._send(
+                PodRegister(
+                    pod_id=self.pod_id,
+                    endpoint=self.endpoint,
+                    zone=self.zone,
+                    capability=self.capability,
+                    labels=self.labels,
+                )
+            )
             if reply is not None and reply.status == "registered":
                 self.pool = reply.pool
                 self.registrations += 1
@@ -163,11 +173,13 @@ class PodAgent:
             # Before the heartbeat: it must never find a lapsed mark and re-index the pod.
             await self._drain()
         calls = tuple(sorted(self.calls)) if self.report_calls else None
-        reply = await self._send(PodHeartbeat(pod_id=self.pod_id, calls=calls),
-                                 timeout_s=self.heartbeat_s)
+        reply = await self._send(
+            PodHeartbeat(pod_id=self.pod_id, calls=calls), timeout_s=self.heartbeat_s
+        )
         if reply is not None and reply.status == "unknown_pod" and not self._stopping:
-            log.warning("pod %s is unknown to tierpool (Redis lost its data?): registering",
-                        self.pod_id)
+            log.warning(
+                "pod %s is unknown to tierpool (Redis lost its data?): registering", self.pod_id
+            )
             await self._register()
 
     async def _drain(self, *, again: bool = True) -> None:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from core.errors import TierpoolError
+from tierpool.core.errors import TierpoolError
 
 
 class RedisNotInstalled(TierpoolError):
@@ -59,14 +59,22 @@ class RedisProcess:
         """Start the server and return once it answers PING."""
         args = [
             self.binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self._dir.name,
-            "--daemonize", "no",
-            "--loglevel", "warning",
-            "--logfile", str(Path(self._dir.name) / "redis.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir.name,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(Path(self._dir.name) / "redis.log"),
             *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

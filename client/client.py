@@ -4,7 +4,7 @@ Applications (and the pod agent, the CLI, the benchmark) talk to tierpool
 through :class:`TierpoolClient`. Each method builds the contract's message,
 checks it against the contract before sending (a bad call id fails here, not
 one round trip later as an ``invalid`` reply), and hands it to
-:class:`core.mux.Mux`, which sends and awaits every concurrent request over
+:class:`tierpool.client.mux.Mux`, which sends and awaits every concurrent request over
 two shared connections.
 """
 
@@ -20,12 +20,12 @@ import msgspec
 import orjson
 from redis.asyncio import Redis
 
-from core.clock import now_ms
-from core.errors import ClientClosed, InvalidMessage, RequestNotSent
-from core.keys import Keys
-from core.mux import Mux, MuxStats
-from core.redisconn import connect
-from schemas import (
+from tierpool.client.mux import Mux, MuxStats
+from tierpool.core.clock import now_ms
+from tierpool.core.errors import ClientClosed, InvalidMessage, RequestNotSent
+from tierpool.core.keys import Keys
+from tierpool.core.redisconn import connect
+from tierpool.schemas import (
     AllocateRequest,
     ConfigRequest,
     DrainRequest,
@@ -42,7 +42,11 @@ from schemas import (
 )
 
 __all__ = [
-    "ClientClosed", "RequestNotSent", "StreamKind", "TierpoolClient", "new_request_id",
+    "ClientClosed",
+    "RequestNotSent",
+    "StreamKind",
+    "TierpoolClient",
+    "new_request_id",
 ]
 
 StreamKind = Literal["allocate", "release", "drain", "config", "pods"]
@@ -106,8 +110,13 @@ class TierpoolClient:
         self.allocate_deadline = allocate_deadline
         self.keys = Keys(namespace)
         self.default_timeout_s = default_timeout_s
-        self.mux = Mux(redis, block_ms=block_ms, unblock=unblock,
-                       delete_replies=delete_replies, client_name=client_name)
+        self.mux = Mux(
+            redis,
+            block_ms=block_ms,
+            unblock=unblock,
+            delete_replies=delete_replies,
+            client_name=client_name,
+        )
         self._owns_redis = False
 
     @classmethod
@@ -174,11 +183,17 @@ class TierpoolClient:
         if deadline_ms is None and self.allocate_deadline:
             deadline_ms = self.deadline_ms(self._timeout(timeout_s))
         msg = AllocateRequest(
-            request_id=request_id or new_request_id(), deadline_ms=deadline_ms,
-            call_id=call_id, merchant_id=merchant_id,
-            chain=None if chain is None else tuple(chain), zone=zone,
-            min_capability=min_capability, tier_mode=tier_mode,
-            provider=provider, flow=flow, template=template,
+            request_id=request_id or new_request_id(),
+            deadline_ms=deadline_ms,
+            call_id=call_id,
+            merchant_id=merchant_id,
+            chain=None if chain is None else tuple(chain),
+            zone=zone,
+            min_capability=min_capability,
+            tier_mode=tier_mode,
+            provider=provider,
+            flow=flow,
+            template=template,
         )
         return await self.request("allocate", msg, timeout_s)
 
@@ -192,8 +207,12 @@ class TierpoolClient:
         timeout_s: float | None = None,
     ) -> Reply:
         """Free the capacity ``call_id`` holds: ``released`` or ``not_found``."""
-        msg = ReleaseRequest(request_id=request_id or new_request_id(),
-                             deadline_ms=deadline_ms, call_id=call_id, reason=reason)
+        msg = ReleaseRequest(
+            request_id=request_id or new_request_id(),
+            deadline_ms=deadline_ms,
+            call_id=call_id,
+            reason=reason,
+        )
         return await self.request("release", msg, timeout_s)
 
     async def drain(
@@ -206,8 +225,13 @@ class TierpoolClient:
         timeout_s: float | None = None,
     ) -> Reply:
         """Give ``pod_id`` no new calls (its live ones go on): ``drained`` or ``not_found``."""
-        msg = DrainRequest(request_id=request_id or new_request_id(), deadline_ms=deadline_ms,
-                           pod_id=pod_id, action="drain", reason=reason)
+        msg = DrainRequest(
+            request_id=request_id or new_request_id(),
+            deadline_ms=deadline_ms,
+            pod_id=pod_id,
+            action="drain",
+            reason=reason,
+        )
         return await self.request("drain", msg, timeout_s)
 
     async def undrain(
@@ -220,8 +244,13 @@ class TierpoolClient:
         timeout_s: float | None = None,
     ) -> Reply:
         """Return a drained pod to service: ``undrained`` or ``not_found``."""
-        msg = DrainRequest(request_id=request_id or new_request_id(), deadline_ms=deadline_ms,
-                           pod_id=pod_id, action="undrain", reason=reason)
+        msg = DrainRequest(
+            request_id=request_id or new_request_id(),
+            deadline_ms=deadline_ms,
+            pod_id=pod_id,
+            action="undrain",
+            reason=reason,
+        )
         return await self.request("drain", msg, timeout_s)
 
     async def change_config(
@@ -237,8 +266,12 @@ class TierpoolClient:
         ``applied`` with the new ``config_version``, ``conflict`` when
         ``expected_version`` is not the current one, ``invalid`` with ``error``."""
         text = config if isinstance(config, str) else orjson.dumps(dict(config)).decode()
-        msg = ConfigRequest(request_id=request_id or new_request_id(), deadline_ms=deadline_ms,
-                            config=text, expected_version=expected_version)
+        msg = ConfigRequest(
+            request_id=request_id or new_request_id(),
+            deadline_ms=deadline_ms,
+            config=text,
+            expected_version=expected_version,
+        )
         return await self.request("config", msg, timeout_s)
 
     async def set_merchant(
@@ -258,15 +291,19 @@ class TierpoolClient:
                 policy = msgspec.convert(dict(policy), MerchantPolicy)
             except msgspec.ValidationError as exc:
                 raise InvalidMessage(f"merchant: {exc}") from None
-        msg = ConfigRequest(request_id=request_id or new_request_id(), deadline_ms=deadline_ms,
-                            merchant_id=merchant_id, merchant=policy,
-                            remove_merchant=policy is None)
+        msg = ConfigRequest(
+            request_id=request_id or new_request_id(),
+            deadline_ms=deadline_ms,
+            merchant_id=merchant_id,
+            merchant=policy,
+            remove_merchant=policy is None,
+        )
         return await self.request("config", msg, timeout_s)
 
     async def send_pod_event(
         self, event: PodEventMsg, *, wait: bool = True, timeout_s: float | None = None
     ) -> Reply | None:
-        """Send a pod lifecycle event (what :class:`core.podagent.PodAgent` does).
+        """Send a pod lifecycle event (what :class:`tierpool.client.PodAgent` does).
 
         With ``wait`` (the default) the event gets a request id when it has
         none, and its reply is returned: ``registered`` (with ``pool``),
@@ -279,8 +316,9 @@ class TierpoolClient:
             return await self.request("pods", event, timeout_s)
         fields = encode(event)
         _validate("pods", fields)
-        await self.mux.submit(event.request_id or "-", self.keys.pods_stream, fields, None,
-                              self._timeout(timeout_s))
+        await self.mux.submit(
+            event.request_id or "-", self.keys.pods_stream, fields, None, self._timeout(timeout_s)
+        )
         return None
 
     async def request(
@@ -293,8 +331,13 @@ class TierpoolClient:
         fields = encode(msg)
         _validate(kind, fields)
         stream = self.keys.pods_stream if kind == "pods" else self.keys.request_stream(kind)
-        reply = await self.mux.submit(msg.request_id, stream, fields,
-                                      self.keys.reply(msg.request_id), self._timeout(timeout_s))
+        reply = await self.mux.submit(
+            msg.request_id,
+            stream,
+            fields,
+            self.keys.reply(msg.request_id),
+            self._timeout(timeout_s),
+        )
         assert reply is not None
         return reply
 

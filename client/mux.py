@@ -44,15 +44,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.clock import now_ms, redis_time_ms
-from core.errors import (
+from tierpool.core.clock import now_ms, redis_time_ms
+from tierpool.core.errors import (
     ClientClosed,
     InvalidMessage,
     RedisUnavailable,
     RequestNotSent,
     RequestTimeout,
 )
-from schemas import Reply, decode_reply
+from tierpool.schemas import Reply, decode_reply
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,18 @@ class Mux:
         commands: list[list[Any]] = [["DEL", *deleting]] if deleting else []
         keys = list(self._waiters)
         if keys:
-            commands.append(["XREAD", "COUNT", 1, "BLOCK", self.block_ms, "STREAMS",
-                             *keys, *("0-0" for _ in keys)])
+            commands.append(
+                [
+                    "XREAD",
+                    "COUNT",
+                    1,
+                    "BLOCK",
+                    self.block_ms,
+                    "STREAMS",
+                    *keys,
+                    *("0-0" for _ in keys),
+                ]
+            )
         elif not commands:
             return
         self._read_gen += 1

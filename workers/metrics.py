@@ -1,0 +1,145 @@
+"""Every Prometheus metric tierpool exports, defined once.
+
+Names are prefixed ``tierpool_`` (contract). Counters and histograms are per
+process (Prometheus sums them across workers); pool gauges are copied from
+what the leader computed in Redis (``gauges.lua``), so every replica exports
+the same pool figures (the anchor's per-process gauges drifted, §12).
+
+The anchor's 11 metrics map as follows: http_request_duration_seconds /
+http_requests_total -> request_duration_seconds / requests_total (by kind and
+outcome); allocations_total and releases_total -> requests_total{kind=...};
+active_calls -> active_calls; pool_available_pods / pool_assigned_pods ->
+pods{pool,state} and pool_target; leader_status -> leader; panics_recovered
+-> worker_errors_total; drains_total -> requests_total{kind="drain"};
+zombies_recovered -> reaped_total{what=...}.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+requests_total = Counter(
+    "tierpool_requests_total",
+    "Requests processed, by kind and outcome (reply status).",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+request_duration = Histogram(
+    "tierpool_request_duration_seconds",
+    "From the entry's stream id (its XADD time) to its reply, by kind and outcome.",
+    ["kind", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+batch_size = Histogram(
+    "tierpool_batch_size",
+    "Entries per batch a worker processed.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    registry=REGISTRY,
+)
+dead_letters_total = Counter(
+    "tierpool_dead_letters_total",
+    "Entries dead-lettered, by stream and reason.",
+    ["stream", "reason"],
+    registry=REGISTRY,
+)
+redeliveries_total = Counter(
+    "tierpool_redeliveries_total",
+    "Entries processed again after a delivery that did not finish.",
+    ["stream"],
+    registry=REGISTRY,
+)
+claimed_total = Counter(
+    "tierpool_claimed_total",
+    "Entries claimed from silent consumers (XAUTOCLAIM).",
+    ["stream"],
+    registry=REGISTRY,
+)
+stale_retries_total = Counter(
+    "tierpool_stale_retries_total",
+    "Script calls refused because Redis held a newer config, then retried.",
+    registry=REGISTRY,
+)
+worker_errors_total = Counter(
+    "tierpool_worker_errors_total",
+    "Failures a worker loop survived, by loop.",
+    ["loop"],
+    registry=REGISTRY,
+)
+
+stream_length = Gauge(
+    "tierpool_stream_length", "Entries in a stream.", ["stream"], registry=REGISTRY
+)
+stream_lag = Gauge(
+    "tierpool_stream_lag",
+    "Entries not yet delivered to the consumer group.",
+    ["stream"],
+    registry=REGISTRY,
+)
+stream_pending = Gauge(
+    "tierpool_stream_pending",
+    "Entries delivered but not yet acknowledged.",
+    ["stream"],
+    registry=REGISTRY,
+)
+
+pods = Gauge(
+    "tierpool_pods",
+    "Pods by pool and state (free, busy, full, draining, silent).",
+    ["pool", "state"],
+    registry=REGISTRY,
+)
+pool_target = Gauge(
+    "tierpool_pool_target", "Configured target pod count by pool.", ["pool"], registry=REGISTRY
+)
+free_capacity = Gauge(
+    "tierpool_free_capacity", "Calls the pool can take now.", ["pool"], registry=REGISTRY
+)
+pool_calls = Gauge("tierpool_pool_calls", "Live calls by pool.", ["pool"], registry=REGISTRY)
+active_calls = Gauge("tierpool_active_calls", "Live calls in the namespace.", registry=REGISTRY)
+unassigned_pods = Gauge(
+    "tierpool_unassigned_pods", "Registered pods with no pool.", registry=REGISTRY
+)
+gauges_age = Gauge(
+    "tierpool_gauges_age_seconds",
+    "Age of the pool gauges the leader computed (they freeze when no leader runs): "
+    "alert when it grows. NaN until a leader has computed them once.",
+    registry=REGISTRY,
+)
+config_version = Gauge(
+    "tierpool_config_version", "Tier config version this worker serves.", registry=REGISTRY
+)
+leader = Gauge("tierpool_leader", "1 when this worker is the leader.", registry=REGISTRY)
+leader_changes_total = Counter(
+    "tierpool_leader_changes_total",
+    "Times this worker gained or lost leadership.",
+    ["change"],
+    registry=REGISTRY,
+)
+reaped_total = Counter(
+    "tierpool_reaped_total",
+    "Leader repairs: expired leases, silent pods, lapsed drains.",
+    ["what"],
+    registry=REGISTRY,
+)
+moves_total = Counter(
+    "tierpool_moves_total", "Pods assigned or moved by the leader.", ["reason"], registry=REGISTRY
+)

@@ -1,0 +1,292 @@
+"""The processor: turns a batch of deliveries into state changes, replies and dead letters.
+
+A batch is decoded at the edge (``schemas``); entries that cannot be
+processed are dead-lettered (``invalid`` reply when their request id is
+usable, dead-letter entry and XACK in one script), and the rest go to
+:meth:`tierpool.core.state.PoolState.run` in one pipelined round trip. A bad
+entry never costs the batch: each one is judged on its own.
+
+Used by both the consumer (fresh entries) and the claimer (entries taken over
+from a silent consumer), so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final, cast
+
+from tierpool.core.clock import monotonic_s, now_ms
+from tierpool.core.errors import InvalidMessage
+from tierpool.core.keys import GROUP, REQUEST_KINDS
+from tierpool.core.scripts import run_calls
+from tierpool.core.state import Entry, Message, Outcome
+from tierpool.schemas import RequestKind, decode_pod_event, decode_request
+from tierpool.schemas.fields import IDENT_RE, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
+from tierpool.workers import metrics
+from tierpool.workers.context import WorkerContext
+from tierpool.workers.streams import (
+    REDIS_DOWN,
+    Delivery,
+    entry_ms,
+    stream_kinds,
+)
+
+log = logging.getLogger(__name__)
+
+DEAD_VALUE_CHARS: Final = 1024
+"""An oversized entry is kept in the dead-letter stream with values cut to this length."""
+
+
+def usable_request_id(fields: Mapping[str, str]) -> str | None:
+    """The entry's request_id when valid, so a dead letter can still be answered."""
+    rid = fields.get("request_id")
+    return rid if isinstance(rid, str) and IDENT_RE.match(rid) else None
+
+
+def dead_fields(fields: Mapping[str, str]) -> dict[str, str]:
+    """The fields to keep in a dead letter: as sent, unless the entry is oversized.
+
+    An entry over the message limits was refused for its size, so keeping it
+    whole would only let a producer fill Redis with copies of it (the dead
+    stream holds ``dead_maxlen`` entries): its values are cut instead.
+    """
+    sizes = [len(k) + len(v) for k, v in fields.items()]
+    if sum(sizes) <= MAX_MESSAGE_BYTES and all(len(v) <= MAX_VALUE_BYTES for v in fields.values()):
+        return dict(fields)
+    out: dict[str, str] = {}
+    for key, value in list(fields.items())[:64]:
+        cut = (
+            value
+            if len(value) <= DEAD_VALUE_CHARS
+            else (f"{value[:DEAD_VALUE_CHARS]}...[{len(value) - DEAD_VALUE_CHARS} more chars]")
+        )
+        out[key[:DEAD_VALUE_CHARS]] = cut
+    out["_truncated"] = f"{len(fields)} fields, {sum(sizes)} chars"
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Bad:
+    index: int
+    error: str
+    request_id: str | None
+    reason: str  # metric label: invalid | too_many_deliveries | internal_error
+
+
+class LogLimit:
+    """At most ``per_s`` lines a second; the rest are counted and summed up in one line
+    when the next one is logged.
+
+    A producer sending junk at full speed must not turn into as many log lines
+    (the dead-letter stream and ``dead_letters_total`` keep the full count).
+    """
+
+    def __init__(self, per_s: int = 10) -> None:
+        self.per_s = per_s
+        self._window = -1
+        self._used = 0
+        self._dropped = 0
+
+    def allow(self) -> bool:
+        window = int(monotonic_s())
+        if window != self._window:
+            if self._dropped:
+                log.warning("%d more dead letters not logged", self._dropped)
+            self._window, self._used, self._dropped = window, 0, 0
+        self._used += 1
+        if self._used > self.per_s:
+            self._dropped += 1
+            return False
+        return True
+
+
+class Processor:
+    """Turns a batch of deliveries into state changes, replies and dead letters.
+
+    Shared by the consumer (fresh entries) and the claimer (entries taken
+    over from a silent consumer): a claimed entry is processed exactly like
+    a fresh one.
+    """
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.kinds = stream_kinds(ctx.keys)
+        self._log_limit = LogLimit()
+        self._decoders: dict[str, Callable[[Mapping[str, str]], Any]] = {
+            ctx.keys.pods_stream: decode_pod_event
+        }
+        for kind in REQUEST_KINDS:
+            self._decoders[ctx.keys.request_stream(kind)] = partial(
+                decode_request, cast(RequestKind, kind)
+            )
+
+    def decode(self, d: Delivery) -> Message:
+        """The message of an entry; raises InvalidMessage for a bad one."""
+        assert d.fields is not None
+        msg: Message = self._decoders[d.stream](d.fields)
+        return msg
+
+    async def process(self, batch: Sequence[Delivery]) -> list[str]:
+        """Process a batch; the outcome status of each entry, in order.
+
+        Statuses besides reply statuses: ``dup`` (already processed by
+        another delivery), ``stale``/``error`` (left pending, claimed and
+        retried later), ``deleted`` (the entry no longer exists). Raises the
+        Redis errors that mean Redis is down; the batch then stays pending.
+        """
+        statuses = ["error"] * len(batch)
+        bad: list[_Bad] = []
+        good: list[int] = []
+        items: list[tuple[Message, Entry | None]] = []
+        limit = self.ctx.settings.max_deliveries
+        gone: list[Delivery] = []
+        for i, d in enumerate(batch):
+            if d.fields is None:
+                gone.append(d)
+                statuses[i] = "deleted"
+            elif d.deliveries > limit:
+                bad.append(
+                    _Bad(
+                        i,
+                        f"too many deliveries ({d.deliveries})",
+                        usable_request_id(d.fields),
+                        "too_many_deliveries",
+                    )
+                )
+            else:
+                try:
+                    msg = self.decode(d)
+                except InvalidMessage as exc:
+                    bad.append(_Bad(i, exc.error, exc.request_id, "invalid"))
+                except Exception as exc:  # a decoder bug must not cost the batch
+                    log.exception("decoding %s %s failed", d.stream, d.entry_id)
+                    bad.append(
+                        _Bad(
+                            i,
+                            f"internal error while decoding: {type(exc).__name__}",
+                            usable_request_id(d.fields),
+                            "internal_error",
+                        )
+                    )
+                else:
+                    good.append(i)
+                    items.append((msg, Entry(d.stream, d.entry_id)))
+        if items:
+            outcomes = await self._run(batch, good, items, bad)
+            for i, outcome in zip(good, outcomes, strict=True):
+                statuses[i] = outcome.status
+                if outcome.status == "invalid":
+                    # Well-formed but inapplicable (a config that fails
+                    # validation): PoolState.run already replied, dead-lettered
+                    # and acked it in one script; count it here.
+                    kind = self.kinds.get(batch[i].stream, batch[i].stream)
+                    metrics.dead_letters_total.labels(kind, "invalid").inc()
+        if bad:
+            await self._reject(batch, bad, statuses)
+        if gone:
+            async with self.ctx.redis.pipeline(transaction=False) as pipe:
+                for d in gone:
+                    pipe.xack(d.stream, GROUP, d.entry_id)
+                await pipe.execute()
+        self._observe(batch, statuses)
+        return statuses
+
+    async def _run(
+        self,
+        batch: Sequence[Delivery],
+        good: list[int],
+        items: list[tuple[Message, Entry | None]],
+        bad: list[_Bad],
+    ) -> list[Outcome]:
+        """``state.run`` for the good entries; isolates an entry that makes it raise."""
+        state = self.ctx.state
+        try:
+            return await state.run(items)
+        except REDIS_DOWN:
+            raise
+        except Exception:
+            log.exception("running a batch of %d failed; checking entries one by one", len(items))
+            metrics.worker_errors_total.labels("batch").inc()
+        # Find the entries that cannot even be prepared (a bug meeting one
+        # message) and dead-letter them; run the others. A failure that is
+        # not any one entry's (nothing to isolate) leaves the batch pending.
+        snap = self.ctx.cache.current()
+        keep: list[int] = []
+        for pos, (msg, entry) in enumerate(items):
+            try:
+                state.prepare(msg, snap, entry)
+            except Exception as exc:
+                d = batch[good[pos]]
+                bad.append(
+                    _Bad(
+                        good[pos],
+                        f"internal error: {type(exc).__name__}: {exc}"[:500],
+                        usable_request_id(d.fields or {}),
+                        "internal_error",
+                    )
+                )
+            else:
+                keep.append(pos)
+        out = [Outcome("error") for _ in items]
+        if len(keep) == len(items):
+            return out
+        try:
+            done = await state.run([items[pos] for pos in keep])
+        except REDIS_DOWN:
+            raise
+        except Exception:
+            log.exception("the rest of the batch failed again; it stays pending")
+            return out
+        for pos, outcome in zip(keep, done, strict=True):
+            out[pos] = outcome
+        return out  # the entries left out are dead-lettered by the caller
+
+    async def _reject(
+        self, batch: Sequence[Delivery], bad: list[_Bad], statuses: list[str]
+    ) -> None:
+        """Dead-letter every bad entry: one pipelined round trip."""
+        calls = []
+        for b in bad:
+            d = batch[b.index]
+            calls.append(
+                self.ctx.state.reject_call(
+                    entry=Entry(d.stream, d.entry_id),
+                    request_id=b.request_id,
+                    error=b.error,
+                    fields=dead_fields(d.fields or {}),
+                    deliveries=d.deliveries,
+                )
+            )
+        results = await run_calls(self.ctx.redis, calls)
+        for b, result in zip(bad, results, strict=True):
+            d = batch[b.index]
+            kind = self.kinds.get(d.stream, d.stream)
+            if isinstance(result, BaseException):
+                statuses[b.index] = "error"
+                log.warning("dead-lettering %s %s failed: %s", d.stream, d.entry_id, result)
+                continue
+            status = str(result[0]) if isinstance(result, list) and result else "error"
+            statuses[b.index] = status
+            if status == "invalid":
+                metrics.dead_letters_total.labels(kind, b.reason).inc()
+                if self._log_limit.allow():
+                    log.warning(
+                        "dead-lettered %s entry %s: %s",
+                        kind,
+                        d.entry_id,
+                        b.error[:300],
+                        extra={"request_id": b.request_id or "", "entry_id": d.entry_id},
+                    )
+
+    def _observe(self, batch: Sequence[Delivery], statuses: Sequence[str]) -> None:
+        now = now_ms()
+        metrics.batch_size.observe(len(batch))
+        for d, status in zip(batch, statuses, strict=True):
+            kind = self.kinds.get(d.stream, d.stream)
+            metrics.requests_total.labels(kind, status).inc()
+            metrics.request_duration.labels(kind, status).observe(
+                max(0, now - entry_ms(d.entry_id)) / 1000
+            )
