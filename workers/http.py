@@ -9,6 +9,8 @@ nothing more, and it keeps a web framework out of the dependencies.
 - ``/readyz``: readiness. 200 only when Redis answers a PING *now*, the tier
   config is loaded and the consumer group is joined (``ctx.health``);
   otherwise 503 with a JSON body that lists what is missing.
+- ``/health`` and ``/ready``: the anchor's paths for the same two probes
+  (contract v1.1), so a smart-router deployment's probes keep working.
 
 Several workers on one host each need their own ``METRICS_PORT`` (the
 Procfile uses honcho's per-process ``$PORT``). A port that is taken fails the
@@ -47,6 +49,8 @@ _REASONS: Final = {
     503: "Service Unavailable",
 }
 _JSON: Final = "application/json"
+_ALIASES: Final = {"/health": "/healthz", "/ready": "/readyz"}
+"""The anchor's probe paths, answered exactly as ours."""
 
 
 class MetricsPortBusy(TierpoolError):
@@ -103,6 +107,7 @@ def _json(status: int, doc: object, *, head: bool = False) -> bytes:
 async def respond(ctx: WorkerContext, method: str, target: str) -> bytes:
     """The full HTTP response to one request line (no I/O but the readiness PING)."""
     path = target.split("?", 1)[0]
+    path = _ALIASES.get(path, path)
     head = method == "HEAD"
     if method not in ("GET", "HEAD"):
         return _json(405, {"error": f"method {method} not allowed; use GET"})
