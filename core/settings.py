@@ -275,6 +275,20 @@ class Settings:
     )
     """Base of every reply's ``session_url``."""
 
+    # --- the anchor's HTTP server: ``tierpool gateway`` (contract v1.1) --------
+    http_port: int = field(default=8080, metadata=_integer("HTTP_PORT", 1, 65535))
+    """Where ``tierpool gateway`` serves the anchor's HTTP API (all interfaces)."""
+    http_read_timeout_s: float = field(default=5, metadata=_duration_s("HTTP_READ_TIMEOUT"))
+    """Gateway: how long a request's body may take to arrive."""
+    http_write_timeout_s: float = field(default=10, metadata=_duration_s("HTTP_WRITE_TIMEOUT"))
+    """Gateway: the whole answer must be written within this; the wait for a reply ends before."""
+    http_idle_timeout_s: float = field(default=60, metadata=_duration_s("HTTP_IDLE_TIMEOUT"))
+    """Gateway: a kept-alive connection with no request for this long is closed."""
+    http_shutdown_timeout_s: float = field(
+        default=30, metadata=_duration_s("HTTP_SHUTDOWN_TIMEOUT", allow_zero=True)
+    )
+    """Gateway: on SIGTERM, how long requests in flight may take to finish."""
+
     # --- new in the contract -------------------------------------------------
     namespace: str = field(default="default", metadata=_namespace("TIERPOOL_NAMESPACE"))
     pod_ttl_s: float = field(default=15, metadata=_duration_s("POD_TTL"))

@@ -90,6 +90,11 @@ def test_every_variable_is_read() -> None:
         "LOG_LEVEL": "DEBUG",
         "LOG_FORMAT": "Console",
         "VOICE_AGENT_BASE_URL": "wss://agents.example.com/",
+        "HTTP_PORT": "8181",
+        "HTTP_READ_TIMEOUT": "3s",
+        "HTTP_WRITE_TIMEOUT": "7s",
+        "HTTP_IDLE_TIMEOUT": "2m",
+        "HTTP_SHUTDOWN_TIMEOUT": "0",
         "TIERPOOL_NAMESPACE": "eu-west:1",
         "POD_TTL": "30s",
         "REPLY_TTL": "2m",
@@ -118,6 +123,8 @@ def test_every_variable_is_read() -> None:
     assert (s.reconcile_interval_s, s.call_info_ttl_s, s.metrics_port) == (120, 7200, 9191)
     assert (s.log_level, s.log_format) == ("debug", "console")
     assert s.voice_agent_base_url == "wss://agents.example.com"  # trailing slash dropped
+    assert (s.http_port, s.http_read_timeout_s, s.http_write_timeout_s) == (8181, 3, 7)
+    assert (s.http_idle_timeout_s, s.http_shutdown_timeout_s) == (120, 0)
     assert (s.namespace, s.pod_ttl_s, s.reply_ttl_s) == ("eu-west:1", 30, 120)
     assert s.tier_config_url == "https://config.example.com/tiers?token=abc"
     assert s.tier_config_ttl_s == 600
