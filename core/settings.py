@@ -34,6 +34,7 @@ from tierpool.core.tierconfig import TierConfig, parse_tier_config
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "console"]
+PodSourceName = Literal["stream", "kubernetes"]
 
 _MASK: Final = "***"
 _NS_PER_MS: Final = 1_000_000
@@ -223,6 +224,45 @@ def _namespace(env: str) -> dict[str, _Var]:
     return {"var": _Var(env, parse, check, str)}
 
 
+def _text(env: str, check: Callable[[str], str | None]) -> dict[str, _Var]:
+    """Free text that ``check`` accepts (``None``) or explains (the problem)."""
+
+    def parse(text: str) -> str:
+        problem = check(text)
+        if problem:
+            raise ValueError(problem)
+        return text
+
+    return {"var": _Var(env, parse, check, str)}
+
+
+_K8S_NAME: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _k8s_namespace_problem(value: str) -> str | None:
+    if _K8S_NAME.fullmatch(value):
+        return None
+    return "must be a Kubernetes namespace name (1-63 chars of [a-z0-9-], alphanumeric ends)"
+
+
+def _selector_problem(value: str) -> str | None:
+    # The full grammar is checked where it is used (tierpool.kube.selector);
+    # here only what no selector may hold.
+    if not value.strip() or any(c in value for c in "\n\r\t"):
+        return "must be a Kubernetes label selector such as app=voice-agent"
+    return None
+
+
+def _endpoint_template_problem(value: str) -> str | None:
+    if "{ip}" not in value and "{name}" not in value:
+        return "must name the pod by {ip} or {name}, e.g. http://{ip}:{port}"
+    try:
+        value.format(ip="10.0.0.1", port=8080, name="pod", namespace="ns")
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"may use only {{ip}}, {{port}}, {{name}} and {{namespace}} ({exc!r})"
+    return None
+
+
 def _tier_config(env: str) -> dict[str, _Var]:
     def check(value: str) -> str | None:
         try:
@@ -333,6 +373,27 @@ class Settings:
     """How long a stopping worker lets the batch in hand finish before cancelling it."""
     heartbeat_s: float = field(default=5, metadata=_duration_s("TIERPOOL_HEARTBEAT"))
     """Pod agent heartbeat interval."""
+
+    # --- pod source (contract v1.1: POD_SOURCE=kubernetes) ---------------------
+    pod_source: PodSourceName = field(
+        default="stream", metadata=_choice("POD_SOURCE", ("stream", "kubernetes"), {})
+    )
+    """``stream``: pods announce themselves on ``tp:{NS}:pods`` only (agent,
+    simulator, own XADDs). ``kubernetes``: the leader also watches pods."""
+    kube_namespace: str = field(
+        default="default", metadata=_text("NAMESPACE", _k8s_namespace_problem)
+    )
+    """The Kubernetes namespace whose pods are watched (the anchor's ``NAMESPACE``)."""
+    pod_label_selector: str = field(
+        default="app=voice-agent", metadata=_text("POD_LABEL_SELECTOR", _selector_problem)
+    )
+    pod_endpoint_template: str = field(
+        default="http://{ip}:{port}",
+        metadata=_text("TIERPOOL_POD_ENDPOINT", _endpoint_template_problem),
+    )
+    """A watched pod's ``endpoint``: ``{ip}``, ``{port}``, ``{name}``, ``{namespace}``."""
+    pod_port: int = field(default=8080, metadata=_integer("TIERPOOL_POD_PORT", 1, 65535))
+    """``{port}`` of the endpoint template, unless the pod's ``tierpool.io/port`` says otherwise."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -58,6 +58,11 @@ def test_defaults() -> None:
     assert s.dead_maxlen == 10_000
     assert s.shutdown_grace_s == 10
     assert s.heartbeat_s == 5
+    assert (s.pod_source, s.kube_namespace, s.pod_label_selector) == (
+        "stream",
+        "default",
+        "app=voice-agent",
+    )
 
 
 def test_ms_properties_follow_their_seconds_field() -> None:
@@ -114,6 +119,11 @@ def test_every_variable_is_read() -> None:
         "TIERPOOL_DEAD_MAXLEN": "700",
         "TIERPOOL_SHUTDOWN_GRACE": "0",
         "TIERPOOL_HEARTBEAT": "2s",
+        "POD_SOURCE": "Kubernetes",
+        "NAMESPACE": "voice",
+        "POD_LABEL_SELECTOR": "app=voice-agent,track!=canary",
+        "TIERPOOL_POD_ENDPOINT": "ws://{name}.agents.{namespace}.svc:{port}",
+        "TIERPOOL_POD_PORT": "8081",
     }
     assert set(env) == set(env_variables()), "the test must set every variable"
     s = Settings.from_env(env)
@@ -134,6 +144,10 @@ def test_every_variable_is_read() -> None:
     assert (s.config_resync_s, s.merchant_cache_ttl_s) == (60, 10)
     assert (s.stream_maxlen, s.events_maxlen, s.dead_maxlen) == (5000, 6000, 700)
     assert (s.shutdown_grace_s, s.heartbeat_s) == (0, 2)
+    assert (s.pod_source, s.kube_namespace) == ("kubernetes", "voice")
+    assert s.pod_label_selector == "app=voice-agent,track!=canary"
+    assert s.pod_endpoint_template == "ws://{name}.agents.{namespace}.svc:{port}"
+    assert s.pod_port == 8081
 
 
 def test_reads_os_environ_by_default(env_clean: pytest.MonkeyPatch) -> None:
@@ -185,6 +199,12 @@ def test_tier_config_default_is_the_builtin_one() -> None:
         ("TIERPOOL_MERCHANT_CACHE_TTL", "0", "must be longer than 0s"),
         ("TIERPOOL_SHUTDOWN_GRACE", "-1s", "must not be negative"),
         ("TIERPOOL_HEARTBEAT", "0", "must be longer than 0s"),
+        ("POD_SOURCE", "k8s", "must be one of stream|kubernetes"),
+        ("NAMESPACE", "Voice_Agents", "must be a Kubernetes namespace name"),
+        ("POD_LABEL_SELECTOR", "app=a\nb", "must be a Kubernetes label selector"),
+        ("TIERPOOL_POD_ENDPOINT", "http://pod:8080", "must name the pod by {ip} or {name}"),
+        ("TIERPOOL_POD_ENDPOINT", "http://{ip}:{zone}", "may use only"),
+        ("TIERPOOL_POD_PORT", "0", "must be from 1 to 65535"),
         ("METRICS_PORT", "0", "must be from 1 to 65535"),
         ("METRICS_PORT", "65536", "must be from 1 to 65535"),
         ("METRICS_PORT", ":9090", "must be a whole number"),
