@@ -18,6 +18,9 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
+from tierpool.core.keys import Keys
+from tierpool.core.tierconfig import TierConfig
+
 LUA_DIR = Path(__file__).with_name("lua")
 
 
@@ -44,6 +47,135 @@ class Call:
     script: Script
     keys: Sequence[str]
     args: Sequence[str | int]
+
+
+# --- the calling convention of every prelude script ----------------------------
+# The one Python home of the KEYS/ARGV header that ``_prelude.lua`` reads;
+# tests/test_scripts.py checks these names and positions against the prelude.
+
+PRELUDE_KEYS: tuple[tuple[str, str], ...] = (
+    ("stream", ""),
+    ("reply", ""),
+    ("events", "events"),
+    ("cfgv", "config_version"),
+    ("mv", "merchants_version"),
+    ("pool", "pod_pool"),
+    ("endpoint", "pod_endpoint"),
+    ("zone", "pod_zone"),
+    ("cap", "pod_capability"),
+    ("labels", "pod_labels"),
+    ("load", "pod_load"),
+    ("pcalls", "pod_calls"),
+    ("seen", "pod_seen"),
+    ("draining", "pod_draining"),
+    ("count", "pool_count"),
+    ("calls", "calls"),
+    ("leases", "leases"),
+    ("leader", "leader"),
+)
+"""KEYS[1..]: (the prelude's ``K`` field, the :class:`Keys` attribute it holds).
+The first two vary per call (the source stream and the reply stream)."""
+
+PRELUDE_ARGS = (
+    "now",
+    "entry",
+    "rid",
+    "deadline",
+    "reply_ttl",
+    "events_max",
+    "want_cfgv",
+    "want_mv",
+    "pod_ttl",
+    "lease_ttl",
+    "draining_ttl",
+)
+"""ARGV[1..]: the prelude's ``H`` fields, in order; the pool table follows."""
+
+POOL_ARGS = ("name", "max", "zone", "cap")
+"""Per pool, after the pool count: its ARGV fields, in order."""
+POOL_KEYS = ("open", "restricted")
+"""Per pool, after the header keys: its free-index KEYS, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTable:
+    """The pool table part of a call: free-index KEYS, and ARGV from the count on."""
+
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+
+    @classmethod
+    def of(cls, keys: Keys, cfg: TierConfig | None) -> PoolTable:
+        """``cfg``'s pools in ``cfg.pools`` order; ``None`` gives an empty table."""
+        if cfg is None:
+            return cls((), ("0",))
+        ks: list[str] = []
+        args: list[str] = [str(len(cfg.pools))]
+        for name in cfg.pools:
+            tier = cfg.tier(name)
+            ks += [keys.pool_free(name, zone) for zone in POOL_KEYS]
+            args += [name, str(tier.max_concurrent), tier.zone, str(tier.capability)]
+        return cls(tuple(ks), tuple(args))
+
+
+class CallBuilder:
+    """Builds prelude script calls for one namespace: header, pool table, script's own part."""
+
+    def __init__(
+        self,
+        keys: Keys,
+        *,
+        reply_ttl_ms: int,
+        events_maxlen: int,
+        pod_ttl_ms: int,
+        lease_ttl_ms: int,
+        draining_ttl_ms: int,
+    ) -> None:
+        self.keys = keys
+        self._fixed_keys = tuple(getattr(keys, attr) for _, attr in PRELUDE_KEYS[2:])
+        self._limits = (str(reply_ttl_ms), str(events_maxlen))
+        self._ttls = (str(pod_ttl_ms), str(lease_ttl_ms), str(draining_ttl_ms))
+
+    def call(
+        self,
+        name: str,
+        table: PoolTable,
+        args: Sequence[str],
+        *,
+        stream: str | None = None,
+        entry_id: str | None = None,
+        request_id: str | None = None,
+        now_ms: int | None = None,
+        deadline_ms: int | None = None,
+        want_cfgv: int | None = None,
+        want_mv: int | None = None,
+        extra_keys: Sequence[str] = (),
+    ) -> Call:
+        """One call of ``core/lua/{name}.lua``.
+
+        ``stream``: the entry's stream (default: the events stream, which no
+        entry is checked in); ``None`` for ``entry_id``, ``request_id``,
+        ``now_ms`` (Redis TIME), ``deadline_ms`` or a version guard means "none".
+        Script keys follow the pool table's keys; script args follow its args.
+        """
+        keys = (
+            stream or self.keys.events,
+            self.keys.reply(request_id or "-"),
+            *self._fixed_keys,
+            *table.keys,
+            *extra_keys,
+        )
+        header = (
+            "" if now_ms is None else str(now_ms),
+            entry_id or "",
+            request_id or "",
+            str(deadline_ms) if deadline_ms else "",
+            *self._limits,
+            "" if want_cfgv is None else str(want_cfgv),
+            "" if want_mv is None else str(want_mv),
+            *self._ttls,
+        )
+        return Call(script(name), keys, (*header, *table.args, *args))
 
 
 def _is_noscript(result: object) -> bool:

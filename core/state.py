@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from tierpool.core import placement
 from tierpool.core.errors import TierConfigError
 from tierpool.core.keys import Keys
-from tierpool.core.scripts import Call, run_calls, script
+from tierpool.core.scripts import Call, CallBuilder, PoolTable, run_calls
 from tierpool.core.settings import Settings
 from tierpool.core.snapshot import ConfigSnapshot, SnapshotSource, dedicated_pools
 from tierpool.core.tierconfig import TierConfig, parse_tier_config, to_json
@@ -81,12 +81,6 @@ class _Origin:
     now_ms: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class _PoolTable:
-    keys: tuple[str, ...]
-    args: tuple[str, ...]
-
-
 class PoolState:
     """Typed access to every state transition of one namespace."""
 
@@ -97,45 +91,25 @@ class PoolState:
         self.keys = keys
         self.settings = settings
         self.source = source
-        k = keys
-        self._state_keys = (
-            k.pod_pool,
-            k.pod_endpoint,
-            k.pod_zone,
-            k.pod_capability,
-            k.pod_labels,
-            k.pod_load,
-            k.pod_calls,
-            k.pod_seen,
-            k.pod_draining,
-            k.pool_count,
-            k.calls,
-            k.leases,
-            k.leader,
+        self.calls = CallBuilder(
+            keys,
+            reply_ttl_ms=settings.reply_ttl_ms,
+            events_maxlen=settings.events_maxlen,
+            pod_ttl_ms=settings.pod_ttl_ms,
+            lease_ttl_ms=settings.lease_ttl_ms,
+            draining_ttl_ms=settings.draining_ttl_ms,
         )
-        s = settings
-        self._ttl_args = (
-            str(s.pod_ttl_ms),
-            str(s.lease_ttl_ms),
-            str(s.draining_ttl_ms),
-        )
-        self._tables: dict[tuple[int, int, int], _PoolTable] = {}
+        # The pool table of the config last used: it holds the config itself,
+        # so the identity check can never match a different, newer object.
+        self._last_table: tuple[TierConfig, PoolTable] | None = None
 
     # --- building calls -------------------------------------------------------
-    def _table(self, cfg: TierConfig) -> _PoolTable:
-        key = (id(cfg), cfg.version, len(cfg.pools))
-        table = self._tables.get(key)
-        if table is None:
-            keys: list[str] = []
-            args: list[str] = [str(len(cfg.pools))]
-            for name in cfg.pools:
-                tier = cfg.tier(name)
-                keys += [self.keys.pool_free(name, "open"), self.keys.pool_free(name, "restricted")]
-                args += [name, str(tier.max_concurrent), tier.zone, str(tier.capability)]
-            table = _PoolTable(tuple(keys), tuple(args))
-            if len(self._tables) > 16:
-                self._tables.clear()
-            self._tables[key] = table
+    def _table(self, cfg: TierConfig) -> PoolTable:
+        last = self._last_table
+        if last is not None and last[0] is cfg:
+            return last[1]
+        table = PoolTable.of(self.keys, cfg)
+        self._last_table = (cfg, table)
         return table
 
     def _call(
@@ -149,32 +123,25 @@ class PoolState:
         table_config: TierConfig | None = None,
         extra_keys: Sequence[str] = (),
     ) -> Call:
-        table = self._table(table_config or snap.config)
-        entry, request_id = origin.entry, origin.request_id
-        stream = entry.stream if entry else self.keys.events
-        reply = self.keys.reply(request_id) if request_id else self.keys.reply("-")
-        keys = (
-            stream,
-            reply,
-            self.keys.events,
-            self.keys.config_version,
-            self.keys.merchants_version,
-            *self._state_keys,
-            *table.keys,
-            *extra_keys,
+        table = (
+            self._table(snap.config)
+            if table_config is None
+            else PoolTable.of(self.keys, table_config)
         )
-        header = (
-            "" if origin.now_ms is None else str(origin.now_ms),
-            entry.entry_id if entry else "",
-            request_id or "",
-            str(origin.deadline_ms) if origin.deadline_ms else "",
-            str(self.settings.reply_ttl_ms),
-            str(self.settings.events_maxlen),
-            str(snap.version),
-            str(snap.merchants_version) if guard_merchants else "",
-            *self._ttl_args,
+        entry = origin.entry
+        return self.calls.call(
+            name,
+            table,
+            args,
+            stream=entry.stream if entry else None,
+            entry_id=entry.entry_id if entry else None,
+            request_id=origin.request_id,
+            now_ms=origin.now_ms,
+            deadline_ms=origin.deadline_ms,
+            want_cfgv=snap.version,
+            want_mv=snap.merchants_version if guard_merchants else None,
+            extra_keys=extra_keys,
         )
-        return Call(script(name), keys, (*header, *table.args, *args))
 
     def prepare(
         self,
@@ -386,44 +353,25 @@ class PoolState:
         with (a policy naming an unknown pool); the script answers ``stale``
         instead of rejecting when Redis holds a newer config or policy set.
         """
-        guard = (
-            ("", "")
-            if decided_with is None
-            else (str(decided_with.version), str(decided_with.merchants_version))
-        )
-        snap_args = (
-            "" if now_ms is None else str(now_ms),
-            entry.entry_id if entry else "",
-            request_id or "",
-            "",
-            str(self.settings.reply_ttl_ms),
-            str(self.settings.events_maxlen),
-            *guard,
-            *self._ttl_args,
-            "0",
-        )
-        keys = (
-            entry.stream if entry else self.keys.events,
-            self.keys.reply(request_id or "-"),
-            self.keys.events,
-            self.keys.config_version,
-            self.keys.merchants_version,
-            *self._state_keys,
-            self.keys.dead,
-        )
         payload = orjson.dumps(fields).decode()
         config_reply = entry is not None and entry.stream == self.keys.request_stream("config")
-        return Call(
-            script("reject"),
-            keys,
+        return self.calls.call(
+            "reject",
+            PoolTable.of(self.keys, None),
             (
-                *snap_args,
                 error,
                 payload,
                 str(self.settings.dead_maxlen),
                 str(deliveries),
                 "1" if config_reply else "0",
             ),
+            stream=entry.stream if entry else None,
+            entry_id=entry.entry_id if entry else None,
+            request_id=request_id,
+            now_ms=now_ms,
+            want_cfgv=None if decided_with is None else decided_with.version,
+            want_mv=None if decided_with is None else decided_with.merchants_version,
+            extra_keys=(self.keys.dead,),
         )
 
 

@@ -14,7 +14,15 @@ from redis.asyncio import Redis
 
 from tests.statekit import KEYS, Ops, make_state
 from tierpool.core.leader import Election
-from tierpool.core.reconcile import apply_moves, plan, publish_gauges, read_view, reap, reconcile
+from tierpool.core.reconcile import (
+    Move,
+    apply_moves,
+    plan,
+    publish_gauges,
+    read_view,
+    reap,
+    reconcile,
+)
 from tierpool.core.state import PoolState
 from tierpool.schemas import ConfigRequest, DrainRequest
 
@@ -393,3 +401,69 @@ async def test_gauges_are_computed_in_redis_and_fenced(r: Redis) -> None:
     assert (gauges["pools"]["basic"]["busy"], gauges["pools"]["basic"]["free_capacity"]) == (1, 3)
     assert (await publish_gauges(state, "old:1")).status == "fenced"
     assert (await r.hgetall(KEYS.gauges))["token"] == token
+
+
+# --- a config change and pod conformance (issue 14 item 13) -------------------------
+async def test_config_change_sends_pods_that_no_longer_conform_to_a_pool_they_meet(
+    r: Redis,
+) -> None:
+    """Regression: a pool whose zone or capability is raised keeps no pod that
+    fails it (a ``config_apply.lua`` that only unassigned pods of removed pools
+    survived the suite); the leader then puts each pod where it conforms, and
+    a pod with a live call keeps it through the move."""
+    state = await make_state(r, {"gold": {"target": 4}, "std": {"target": 4}})
+    ops = Ops(state)
+    await ops.register("open1", zone="open", capability=1)
+    await ops.register("open5", zone="open", capability=5)
+    await ops.register("restr1", zone="restricted", capability=1)
+    await ops.register("restr5", zone="restricted", capability=5)
+    assert set((await pools(r)).values()) == {"gold"}
+    busy = await ops.allocate("c1", chain=("gold",))
+    assert busy.status == "allocated"
+    await set_config(
+        state,
+        {
+            "tiers": {
+                "gold": {"target": 3, "zone": "restricted", "capability": 3},
+                "std": {"target": 3},
+            },
+            "default_chain": ["gold", "std"],
+        },
+    )
+    assert await pools(r) == {"open1": "", "open5": "", "restr1": "", "restr5": "gold"}
+    assert await r.hgetall(KEYS.pool_count) == {"gold": "1"}
+    for zone in ("open", "restricted"):
+        assert set(await r.zrange(KEYS.pool_free("gold", zone), 0, -1)) <= {"restr5"}
+    (applied,) = await events(r, "config_applied")
+    assert applied["unassigned_pods"] == "3"
+
+    token = await lead(r)
+    result = await reconcile(state, token)
+    assert result.status == "ok" and not result.skipped and not result.errors
+    assert await pools(r) == {"open1": "std", "open5": "std", "restr1": "std", "restr5": "gold"}
+    assert (await ops.release("c1")).status == "released"
+
+
+async def test_move_refuses_a_pool_the_pod_does_not_meet(r: Redis) -> None:
+    """The fenced move re-checks zone and capability: a plan made from an older
+    read (the pod re-registered as open in between) never puts it in a
+    restricted pool."""
+    state = await make_state(
+        r,
+        {
+            "tiers": {"vip": {"target": 1, "zone": "restricted"}, "std": {"target": 1}},
+            "default_chain": ["vip", "std"],
+        },
+    )
+    await r.hset(KEYS.pod_pool, "p0", "")
+    await r.hset(KEYS.pod_zone, "p0", "open")
+    await r.hset(KEYS.pod_capability, "p0", "1")
+    await r.zadd(KEYS.pod_seen, {"p0": T0})
+    token = await lead(r)
+    snap = state.source.current()
+    bad = [Move("p0", "", "vip", "assign")]
+    res = await apply_moves(state, snap, token, bad, now_ms=T0)
+    assert [why for _, why in res.skipped] == ["pod does not meet pool vip's zone or capability"]
+    assert await pools(r) == {"p0": ""}
+    res = await apply_moves(state, snap, token, [Move("p0", "", "std", "assign")], now_ms=T0)
+    assert res.moved and await pools(r) == {"p0": "std"}

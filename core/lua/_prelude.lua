@@ -1,6 +1,7 @@
 -- tierpool prelude: prepended to every script by core/scripts.py.
 --
--- Fixed KEYS layout of every script (core/state.py builds it):
+-- Fixed KEYS layout of every script (core/scripts.py CallBuilder builds it;
+-- tests/test_scripts.py checks the two agree):
 --   1 source stream (the request stream, or pods stream; for leader scripts
 --     any stream of the namespace: no entry is checked then)
 --   2 reply stream   3 events   4 config:version   5 merchants:version
@@ -15,7 +16,8 @@
 --   6 events_maxlen  7 config_version guard ("" = none)
 --   8 merchants_version guard ("" = none)  9 pod_ttl_ms  10 lease_ttl_ms
 --   11 draining_ttl_ms  12 n pools, then 4 per pool: name, max_concurrent,
---   zone (restricted|open), capability; script arguments follow (ARG0).
+--   zone (restricted|open), capability; script arguments follow (ARGV[ARG0..]),
+--   and script keys follow the pool table (KEYS[KEY0..]).
 --
 -- Free-index invariant kept by every script: a pod is in
 -- pool:{P}:free:{Z} with score = its load iff it is registered, assigned to
@@ -61,7 +63,9 @@ do
     POOLS[i + 1] = p
   end
 end
+-- The script's own part: its first ARGV and its first KEYS (after the pool table).
 local ARG0 = 13 + 4 * #POOLS
+local KEY0 = 19 + 2 * #POOLS
 
 local function int(x) return string.format('%d', x) end
 
@@ -113,13 +117,11 @@ local function config_fields(fields)
   return fields
 end
 
--- Steps 1-3 of every request script. Returns a result to return at once, or nil.
-local function begin()
-  if not still_pending() then return {'dup'} end
-  if H.deadline > 0 and H.now > H.deadline then
-    return finish('expired', config_fields({'error', 'deadline_ms ' .. int(H.deadline) ..
-      ' passed (now ' .. int(H.now) .. '); nothing was changed'}))
-  end
+-- The one version guard: {'stale', config_version, merchants_version} when
+-- the caller decided with a config (ARGV[7]) or policy set (ARGV[8]) older
+-- than Redis holds ("" = not guarded), else nil.
+local function stale()
+  if H.want_cfgv == '' and H.want_mv == '' then return nil end
   local v = redis.call('MGET', K.cfgv, K.mv)
   local cfgv, mv = v[1] or '0', v[2] or '0'
   if (H.want_cfgv ~= '' and H.want_cfgv ~= cfgv) or (H.want_mv ~= '' and H.want_mv ~= mv) then
@@ -128,9 +130,27 @@ local function begin()
   return nil
 end
 
+-- Steps 1-3 of every request script. Returns a result to return at once, or nil.
+local function begin()
+  if not still_pending() then return {'dup'} end
+  if H.deadline > 0 and H.now > H.deadline then
+    return finish('expired', config_fields({'error', 'deadline_ms ' .. int(H.deadline) ..
+      ' passed (now ' .. int(H.now) .. '); nothing was changed'}))
+  end
+  return stale()
+end
+
 local function pod_alive(pod)
   local seen = redis.call('ZSCORE', K.seen, pod)
   return seen ~= false and tonumber(seen) + H.pod_ttl >= H.now
+end
+
+-- The pod-may-join rule (core/tierconfig.py pod_may_join says the same): a
+-- restricted pod meets both zones, an open pod only open pools; the pod's
+-- capability is at least the pool's.
+local function may_join(p, pod)
+  if p.zone == 'restricted' and redis.call('HGET', K.zone, pod) ~= 'restricted' then return false end
+  return tonumber(redis.call('HGET', K.cap, pod) or '1') >= p.cap
 end
 
 -- Put a pod in, or take it out of, its pool's free index, per the invariant.
@@ -220,11 +240,3 @@ local function fenced(token)
   return redis.call('GET', K.leader) ~= token
 end
 
--- Leader scripts: the caller's pool table must be the config in force.
-local function leader_stale()
-  local cfgv = redis.call('GET', K.cfgv) or '0'
-  if H.want_cfgv ~= '' and H.want_cfgv ~= cfgv then
-    return {'stale', cfgv, redis.call('GET', K.mv) or '0'}
-  end
-  return nil
-end

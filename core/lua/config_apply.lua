@@ -3,7 +3,7 @@
 -- KEYS, ARGV 1-12+pools: the fixed layout in _prelude.lua; the pool table is
 --   the NEW config's. ARGV[7] (config_version guard) is the version the caller
 --   read and validated against: a newer one in Redis makes this 'stale'.
--- KEYS[19 + 2n]: tp:{NS}:config; then 2 free-index keys per removed pool.
+-- KEYS[KEY0]: tp:{NS}:config; then 2 free-index keys per removed pool.
 -- ARGV[ARG0..]: expected_version ("" = none), config JSON (new version
 --   embedded), new version, pub/sub channel, n removed pools, their names.
 -- Returns {status, reply fields...}: applied | conflict | expired | dup | stale.
@@ -20,7 +20,7 @@ if early then return early end
 
 local expected, json, version = ARGV[ARG0], ARGV[ARG0 + 1], ARGV[ARG0 + 2]
 local channel, nremoved = ARGV[ARG0 + 3], tonumber(ARGV[ARG0 + 4])
-local config_key = KEYS[19 + 2 * #POOLS]
+local config_key = KEYS[KEY0]
 local current = redis.call('GET', K.cfgv) or '0'
 if expected ~= '' and expected ~= current then
   return finish('conflict', {'config_version', current,
@@ -29,12 +29,7 @@ end
 
 local removed = {}
 for i = 0, nremoved - 1 do
-  removed[ARGV[ARG0 + 5 + i]] = {KEYS[20 + 2 * #POOLS + 2 * i], KEYS[21 + 2 * #POOLS + 2 * i]}
-end
-
-local function may_join(p, pod)
-  if p.zone == 'restricted' and redis.call('HGET', K.zone, pod) ~= 'restricted' then return false end
-  return tonumber(redis.call('HGET', K.cap, pod) or '1') >= p.cap
+  removed[ARGV[ARG0 + 5 + i]] = {KEYS[KEY0 + 1 + 2 * i], KEYS[KEY0 + 2 + 2 * i]}
 end
 
 local orphaned = 0

@@ -1,7 +1,7 @@
 -- gauges (leader): compute the pool gauges from Redis and store them.
 --
 -- KEYS, ARGV 1-12+pools: the fixed layout in _prelude.lua (no entry, no reply).
--- KEYS[19 + 2n]: the gauges hash. ARGV[ARG0..]: fencing token.
+-- KEYS[KEY0]: the gauges hash. ARGV[ARG0..]: fencing token.
 -- Returns {'fenced'}, {'stale', ...} or {'ok', gauges JSON}.
 --
 -- Why here: every replica exports what the leader computed, so all /metrics
@@ -11,8 +11,8 @@
 
 local token = ARGV[ARG0]
 if fenced(token) then return {'fenced'} end
-local stale = leader_stale()
-if stale then return stale end
+local early = stale()
+if early then return early end
 local out = {pools = {}, unassigned = 0, active_calls = redis.call('HLEN', K.calls),
              at_ms = H.now}
 for _, p in ipairs(POOLS) do
@@ -39,5 +39,5 @@ for i = 1, #assigned, 2 do
   end
 end
 local json = cjson.encode(out)
-redis.call('HSET', KEYS[19 + 2 * #POOLS], 'json', json, 'token', token)
+redis.call('HSET', KEYS[KEY0], 'json', json, 'token', token)
 return {'ok', json}

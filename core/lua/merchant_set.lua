@@ -3,7 +3,7 @@
 -- KEYS, ARGV 1-12+pools: the fixed layout in _prelude.lua. ARGV[8] (the
 --   merchants_version guard) is the version the caller validated against
 --   (that no other merchant owns the pool): a newer one makes this 'stale'.
--- KEYS[19 + 2n]: the merchants hash.
+-- KEYS[KEY0]: the merchants hash.
 -- ARGV[ARG0..]: merchant_id, policy JSON ("" = remove), pub/sub channel.
 -- Returns {status, reply fields...}: applied | expired | dup | stale.
 --
@@ -15,7 +15,7 @@ local early = begin()
 if early then return early end
 
 local merchant, policy, channel = ARGV[ARG0], ARGV[ARG0 + 1], ARGV[ARG0 + 2]
-local hash = KEYS[19 + 2 * #POOLS]
+local hash = KEYS[KEY0]
 local kind = 'merchant_set'
 if policy == '' then
   redis.call('HDEL', hash, merchant)

@@ -13,8 +13,8 @@
 
 local token, limit = ARGV[ARG0], ARGV[ARG0 + 1]
 if fenced(token) then return {'fenced'} end
-local stale = leader_stale()
-if stale then return stale end
+local early = stale()
+if early then return early end
 
 local leases = 0
 for _, c in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', H.now, 'LIMIT', 0, limit)) do

@@ -1,7 +1,7 @@
 -- reject: dead-letter an entry that cannot be processed.
 --
 -- KEYS, ARGV 1-12: the fixed layout in _prelude.lua, with no pools.
--- KEYS[19]: the dead-letter stream.
+-- KEYS[KEY0]: the dead-letter stream.
 -- ARGV[ARG0..]: error, original fields JSON, dead stream maxlen, deliveries,
 --   "1" when the entry is a config request (its reply carries config_version).
 -- Returns {'invalid', 'error', error}, {'dup'}, or {'stale', ...} when the
@@ -13,14 +13,11 @@
 -- reported exactly once and never blocks the stream. Pool state is untouched.
 
 if not still_pending() then return {'dup'} end
-local stale = leader_stale()
-if stale then return stale end
-if H.want_mv ~= '' and H.want_mv ~= (redis.call('GET', K.mv) or '0') then
-  return {'stale', redis.call('GET', K.cfgv) or '0', redis.call('GET', K.mv)}
-end
+local early = stale()
+if early then return early end
 local err, payload, maxlen, deliveries = ARGV[ARG0], ARGV[ARG0 + 1], ARGV[ARG0 + 2], ARGV[ARG0 + 3]
 CONFIG_REPLY = ARGV[ARG0 + 4] == '1'  -- a config request: its reply carries config_version
-redis.call('XADD', KEYS[19], 'MAXLEN', '~', maxlen, '*',
+redis.call('XADD', KEYS[KEY0], 'MAXLEN', '~', maxlen, '*',
   'stream', K.stream, 'entry_id', H.entry, 'request_id', H.rid, 'error', err,
   'fields', payload, 'deliveries', deliveries, 'at_ms', int(H.now))
 return finish('invalid', config_fields({'error', err}))
