@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 
 class TierpoolError(Exception):
     """Base of every error tierpool raises on purpose."""
@@ -81,3 +83,23 @@ class RequestNotSent(RequestTimeout):
     queued (Redis unreachable, or the process too busy to send it); it will
     not be sent later. Catching RequestTimeout catches it too.
     """
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def find_in_group(exc: BaseException, kind: type[E]) -> E | None:
+    """``exc`` itself, or the first exception of ``kind`` inside its nested groups.
+
+    Task groups wrap what a task raised in an exception group; a command that
+    promises a one-line error for a known failure must find it under that
+    wrapping instead of printing the group's traceback.
+    """
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_in_group(inner, kind)
+            if found is not None:
+                return found
+    return None

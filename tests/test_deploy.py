@@ -130,6 +130,17 @@ def _check_tierpool(argv: list[str]) -> None:
         raise AssertionError(f"tierpool {' '.join(argv)}: does not parse") from exc
 
 
+def docker_argv(command: list[str]) -> list[str]:
+    """The argv Docker really runs: the image's ENTRYPOINT followed by ``command``.
+
+    Regression (issue 14.1): compose said ``["tierpool", "worker"]`` on top of
+    ``ENTRYPOINT ["tierpool"]``, so containers ran ``tierpool tierpool worker``.
+    """
+    text = (ROOT / "Dockerfile").read_text()
+    (entry,) = re.findall(r"^ENTRYPOINT\s+(\[.*\])\s*$", text, re.MULTILINE)
+    return [*json.loads(entry), *command]
+
+
 def test_compose_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {"redis", "worker", "pod-sim", "prometheus", "grafana"}
@@ -142,8 +153,9 @@ def test_compose_services(compose: dict[str, Any]) -> None:
     assert worker["deploy"]["replicas"] == 3
     for name in ("worker", "pod-sim"):
         svc = services[name]
-        assert svc["command"][0] == "tierpool"
-        _check_tierpool(svc["command"][1:])
+        argv = docker_argv(svc["command"])
+        assert argv[0] == "tierpool", argv
+        _check_tierpool(argv[1:])
         assert svc["environment"]["REDIS_URL"] == f"redis://redis:{redis_port}/0"
     assert "/readyz" in " ".join(worker["healthcheck"]["test"])
     assert worker["build"] == "." and (ROOT / "Dockerfile").is_file()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
@@ -155,6 +158,33 @@ async def test_busy_port_names_metrics_port(ctx: WorkerContext) -> None:
         port = taken.getsockname()[1]
         with pytest.raises(http.MetricsPortBusy, match=f"METRICS_PORT={port}"):
             await http.serve(ctx, port=port)
+
+
+def test_busy_port_is_one_line_and_exit_2(redis_url: str) -> None:
+    """Regression (issue 14.2): a taken METRICS_PORT printed a 48-line
+    ExceptionGroup traceback and exited 1; the README promises one line, and
+    a setting that cannot work is exit 2 like any settings error."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TIERPOOL_")},
+            "REDIS_URL": redis_url,
+            "METRICS_PORT": str(port),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "tierpool", "worker"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    lines = [
+        line for line in done.stderr.splitlines() if "Traceback" in line or "METRICS_PORT" in line
+    ]
+    assert lines == [lines[0]] and lines[0].startswith(f"tierpool worker: METRICS_PORT={port}")
 
 
 # --- the gauge exporter ---------------------------------------------------------------

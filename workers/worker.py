@@ -28,13 +28,14 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from tierpool.core.clock import now_ms
-from tierpool.core.errors import SettingsError
+from tierpool.core.errors import SettingsError, find_in_group
 from tierpool.core.keys import GROUP
 from tierpool.core.settings import Settings, unknown_tierpool_variables
 from tierpool.workers import gauges, http, leader, metrics
 from tierpool.workers.claimer import Claimer, remove_consumers
 from tierpool.workers.consumer import Consumer
 from tierpool.workers.context import WorkerContext
+from tierpool.workers.http import MetricsPortBusy
 from tierpool.workers.streams import BACKOFF_CAP_S, REDIS_DOWN, LoopControl, Outage
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,11 @@ def main(args: argparse.Namespace) -> int:
         log.warning("unknown variable %s ignored (a typo?)", name)
     try:
         anyio.run(serve, settings, frozenset(getattr(args, "without", None) or ()))
-    except Exception:
+    except Exception as exc:
+        busy = find_in_group(exc, MetricsPortBusy)
+        if busy is not None:  # a setting that cannot work: one line, like a settings error
+            sys.stderr.write(f"tierpool worker: {busy}\n")
+            return 2
         log.exception("worker failed")
         return 1
     return 0
