@@ -10,6 +10,7 @@ batch's unanswered calls are loaded and sent again, so callers never see it.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -38,6 +39,24 @@ def script(name: str) -> Script:
     if not name.startswith(("leader_", "group_")):
         body = (LUA_DIR / "_prelude.lua").read_text() + "\n" + body
     return Script(name, body, hashlib.sha1(body.encode()).hexdigest())
+
+
+_EVENT_KIND = re.compile(r"""(?:\bevent\(|\bkind\s*=\s*)'([a-z_]+)'""")
+
+
+@cache
+def event_types() -> frozenset[str]:
+    """Every audit event type a script can append, read from the scripts themselves.
+
+    The scripts are the one place event types are defined; the CLI checks
+    ``--type`` against this so a typo is an error instead of an empty listing.
+    A script names its type as a literal, ``event('x', ...)``, or through a
+    local ``kind = 'x'`` (tests/test_ops_streams.py keeps that rule).
+    """
+    found: set[str] = set()
+    for path in LUA_DIR.glob("*.lua"):
+        found.update(_EVENT_KIND.findall(path.read_text()))
+    return frozenset(found)
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,42 @@ async def test_events_lists_and_filters(
     assert len(orjson.loads(out)) == 1
 
 
+async def test_events_filter_before_count_and_unknown_type(
+    client: TierpoolClient, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression (issue 14.6): ``--type X -c N`` applied the count before the
+    filter (an older match never showed), and an unknown ``--type`` printed
+    nothing with exit 0."""
+    assert (await client.allocate("call-old")).status == "allocated"
+    assert (await client.release("call-old")).status == "released"
+    for i in range(12):
+        assert (await client.allocate(f"call-{i}")).status == "allocated"
+        assert (await client.release(f"call-{i}")).status == "released"
+    code, out, _ = await tp(capsys, redis_url, "events", "--json", "--type", "released", "-c", "13")
+    assert code == 0
+    got = [e["call_id"] for e in orjson.loads(out)]
+    assert got == ["call-old", *(f"call-{i}" for i in range(12))]
+    code, out, _ = await tp(capsys, redis_url, "events", "--json", "--call", "call-old", "-c", "1")
+    assert [e["event"] for e in orjson.loads(out)] == ["released"]
+
+    code, out, err = await tp(capsys, redis_url, "events", "--type", "relased")
+    assert code == 2 and out == ""
+    assert "unknown event type 'relased'" in err and "released" in err
+
+
+def test_every_event_type_is_declared_where_the_cli_finds_it() -> None:
+    """The CLI learns event types from the scripts (``scripts.event_types``):
+    each ``event(...)`` call names its type as a literal or through ``kind``."""
+    import re
+
+    from tierpool.core.scripts import LUA_DIR, event_types
+
+    for path in LUA_DIR.glob("*.lua"):
+        for arg in re.findall(r"\bevent\(([^,]+),", path.read_text()):
+            assert arg.startswith("'") or arg == "kind", f"{path.name}: event({arg}, ...)"
+    assert {"allocated", "released", "pod_registered", "merchant_removed"} <= event_types()
+
+
 async def test_events_follow_prints_new_events_until_sigint(
     client: TierpoolClient, redis_url: str
 ) -> None:

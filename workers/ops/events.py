@@ -15,7 +15,17 @@ from typing import Any, cast
 import anyio
 import orjson
 
-from tierpool.workers.ops.common import EXIT_OK, Ops, add_common, run, when, write, write_json
+from tierpool.workers.ops.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    Ops,
+    add_common,
+    error,
+    run,
+    when,
+    write,
+    write_json,
+)
 
 FOLLOW_BLOCK_MS = 1000
 
@@ -45,6 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.event_type is not None:
+        from tierpool.core.scripts import event_types
+
+        known = event_types()
+        if args.event_type not in known:
+            error(
+                "events",
+                f"unknown event type {args.event_type!r}; known: {', '.join(sorted(known))}",
+            )
+            return EXIT_USAGE
+    if args.count < 0:
+        error("events", f"--count must be 0 or more, not {args.count}")
+        return EXIT_USAGE
     return run(args, _events)
 
 
@@ -87,13 +110,41 @@ def _emit(ops: Ops, entries: Iterable[tuple[str, dict[str, str]]]) -> None:
             write(format_event(entry_id, fields))
 
 
+async def latest_matching(ops: Ops, count: int) -> tuple[list[tuple[str, dict[str, str]]], str]:
+    """The ``count`` latest events that pass the filters, oldest first, and the
+    stream's newest id (where ``--follow`` goes on from).
+
+    The filters apply before the count (regression, issue 14.6: ``--type X -c
+    5`` showed the X events among the 5 latest, often none): the log is read
+    backwards page by page until ``count`` matches are found or it ends. The
+    events stream is capped, so the walk is bounded.
+    """
+    found: list[tuple[str, dict[str, str]]] = []
+    newest = "0-0"
+    upper = "+"
+    page = max(count * 4, 256)
+    while len(found) < count:
+        raw = await ops.redis.xrevrange(ops.keys.events, max=upper, count=page)
+        entries = entries_of(raw)
+        if not entries:
+            break
+        if newest == "0-0":
+            newest = entries[0][0]
+        found.extend(e for e in entries if matches(e[1], ops.args))
+        if len(cast("list[object]", raw)) < page:
+            break
+        upper = "(" + entries[-1][0]
+    if newest == "0-0":
+        last = entries_of(await ops.redis.xrevrange(ops.keys.events, count=1))
+        newest = last[0][0] if last else "0-0"
+    return list(reversed(found[:count])), newest
+
+
 async def _events(ops: Ops) -> int:
     args = ops.args
-    latest = entries_of(await ops.redis.xrevrange(ops.keys.events, count=max(args.count, 0) or 1))
-    backlog = list(reversed(latest)) if args.count > 0 else []
-    last_id = latest[0][0] if latest else "0-0"
+    backlog, last_id = await latest_matching(ops, args.count)
     if ops.json and not args.follow:
-        write_json([{"id": i, **f} for i, f in backlog if matches(f, args)])
+        write_json([{"id": i, **f} for i, f in backlog])
         return EXIT_OK
     _emit(ops, backlog)
     if not args.follow:
