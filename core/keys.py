@@ -20,14 +20,14 @@ from functools import cached_property
 GROUP = "tierpool"
 """Consumer group on every request stream and on the pods stream (contract)."""
 
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 REQUEST_KINDS = ("allocate", "release", "drain", "config")
 
 
 def valid_namespace(ns: str) -> bool:
     """Whether ``ns`` may name a namespace (no braces: it sits inside a hash tag)."""
-    return bool(_NAMESPACE_RE.match(ns))
+    return _NAMESPACE_RE.fullmatch(ns) is not None  # "$" would let "x\n" through
 
 
 @dataclass(frozen=True)

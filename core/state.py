@@ -243,7 +243,9 @@ class PoolState:
                 extra_keys=(self.keys.merchants,),
             )
         try:
-            new = parse_tier_config(msg.config or "", version=cfg.version + 1)
+            new = parse_tier_config(
+                msg.config or "", version=cfg.version + 1, empty_is_default=False
+            )
         except TierConfigError as exc:
             return Outcome("invalid", {"error": str(exc)})
         removed = [p for p in cfg.pools if p not in new]

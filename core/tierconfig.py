@@ -218,8 +218,19 @@ def default_tier_config(version: int = 0) -> TierConfig:
     )
 
 
+EMPTY_REFUSED = (
+    "the config is empty: applying it would replace the config in force with the "
+    "built-in default; send the tiers you want (the default is printed by "
+    "`tierpool config get` on a fresh namespace)"
+)
+
+
 def parse_tier_config(
-    raw: str | bytes | Mapping[str, Any], *, version: int | None = None, strict: bool = True
+    raw: str | bytes | Mapping[str, Any],
+    *,
+    version: int | None = None,
+    strict: bool = True,
+    empty_is_default: bool = True,
 ) -> TierConfig:
     """Read a tier config in any of the three formats (see the module docstring).
 
@@ -227,7 +238,11 @@ def parse_tier_config(
     change decides the next version, not the operator); without either it
     is 0. ``strict=False`` ignores unknown keys instead of rejecting them,
     for reading back a config that a newer tierpool wrote during a rolling
-    upgrade; operator input should stay strict.
+    upgrade; operator input should stay strict. An empty document means the
+    built-in default where a deployment may leave ``TIER_CONFIG`` unset;
+    ``empty_is_default=False`` refuses it, for a change sent to a live
+    namespace, where ``{}`` is far more likely a mistake than a wish to
+    drop every configured pool.
 
     Raises :class:`~core.errors.TierConfigError` listing every problem.
     """
@@ -257,6 +272,8 @@ def parse_tier_config(
         raise TierConfigError(problems)
 
     if not doc:
+        if not empty_is_default:
+            problems.append(EMPTY_REFUSED)
         if problems:
             raise TierConfigError(problems)
         return default_tier_config(version if version is not None else 0)

@@ -132,7 +132,7 @@ async def check_upstream(
     if len(body) > MAX_BODY_BYTES:
         return UpstreamCheck("invalid", f"body larger than {MAX_BODY_BYTES} bytes")
     try:
-        new = parse_tier_config(body)
+        new = parse_tier_config(body, empty_is_default=False)
     except TierConfigError as exc:
         return UpstreamCheck("invalid", str(exc))
 

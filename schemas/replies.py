@@ -53,4 +53,5 @@ class Reply(Struct, frozen=True, kw_only=True):
     reasons: tuple[Reason, ...] | None = None
     error: str | None = None
     config_version: Version | None = None
+    merchants_version: Version | None = None
     calls: CallList | None = None

@@ -199,16 +199,35 @@ async def test_merchant_policies(live: Live) -> None:
         "1",
     )
     assert code == 0, err
-    assert out.startswith("applied")
+    # A policy change does not change the tier config's version: the reply says
+    # which counter moved (issue 14.10).
+    assert out.startswith("applied: merchant policies version "), out
     assert await live.tp_json("merchant", "get", "m1") == {
         "m1": {"fallback": ["gold", "standard"], "zone": "any", "min_capability": 1}
     }
     code, out, _ = await live.tp("merchant", "get")
     assert "m1" in out and "gold,standard" in out
-    code, _, err = await live.tp("merchant", "set", "m2", "--pool", "nope")
-    # The reply's error should name the pool; today the worker leaves such an entry
-    # pending until it is dead-lettered ("too many deliveries"), still an invalid reply.
-    assert code == 1 and "invalid" in err
+    # Every problem at once, before anything is sent (issue 14.10).
+    code, _, err = await live.tp(
+        "merchant", "set", "m2", "--pool", "nope", "--fallback", "gold,bad name,gold,zzz"
+    )
+    assert code == 1 and "not sent, 4 problem(s)" in err, err
+    assert "gold listed more than once" in err and "'bad name' is not a pool name" in err
+    assert "pool: tier 'nope' is not configured" in err
+    assert "fallback: tier 'zzz' is not configured" in err
+
+    # '' is "the dedicated pool only", shown apart from "no fallback" (issue 14.7).
+    code, _, err = await live.tp("merchant", "set", "m3", "--pool", "gold", "--fallback", "")
+    assert code == 0, err
+    assert await live.tp_json("merchant", "get", "m3") == {"m3": {"pool": "gold", "fallback": []}}
+    code, out, _ = await live.tp("merchant", "get")
+    assert "(none: dedicated pool only)" in out and "(request's chain or default chain)" not in out
+    code, _, err = await live.tp("merchant", "set", "m3", "--pool", "gold")
+    assert code == 0, err
+    code, out, _ = await live.tp("merchant", "get")
+    assert "(request's chain or default chain)" in out
+    code, _, _ = await live.tp("merchant", "remove", "m3")
+    assert code == 0
     code, _, _ = await live.tp("merchant", "remove", "m1")
     assert code == 0
     code, _, err = await live.tp("merchant", "get", "m1")
@@ -230,7 +249,68 @@ async def test_exit_codes_in_process(live: Live) -> None:
     code = await anyio.to_thread.run_sync(
         cli_main, ["status", "--redis-url", live.url, "--namespace", "bad{ns}"]
     )
-    assert code == 2 and "TIERPOOL_NAMESPACE" in live.capsys.readouterr().err
+    err = live.capsys.readouterr().err
+    assert code == 2 and "--namespace 'bad{ns}'" in err and "TIERPOOL_NAMESPACE" not in err
+
+
+async def test_cli_options_issue_14_10(live: Live) -> None:
+    """Regression (issue 14.10): global options before the subcommand were
+    refused; ``--timeout 0`` was accepted; a timeout did not say the request
+    may still apply, and printed nothing with ``--json``."""
+    live.capsys.readouterr()
+    code = await anyio.to_thread.run_sync(
+        cli_main, ["--redis-url", live.url, "--namespace", NS, "--json", "status"]
+    )
+    out, err = live.capsys.readouterr()
+    assert code == 0, err
+    assert orjson.loads(out)["namespace"] == NS
+    code = await anyio.to_thread.run_sync(
+        cli_main, ["-n", NS, f"--redis-url={live.url}", "pods", "--json"]
+    )
+    out, err = live.capsys.readouterr()
+    assert code == 0, err
+    assert {p["pod_id"] for p in orjson.loads(out)} == set(PODS)
+
+    for bad in ("0", "-1", "nan"):
+        code, _, err = await live.tp("allocate", "c9", "--timeout", bad)
+        assert code == 2 and "--timeout" in err, (bad, err)
+
+    live.capsys.readouterr()
+    code = await anyio.to_thread.run_sync(
+        cli_main,
+        ["allocate", "c1", "--redis-url", live.url, "-n", "idle", "--timeout", "0.3", "--json"],
+    )
+    out, err = live.capsys.readouterr()
+    assert code == 4
+    doc = orjson.loads(out)
+    assert doc["status"] == "timeout" and doc["request_id"]
+    assert "may still be applied" in doc["note"] and "may still be applied" in err
+
+
+async def test_config_set_refuses_empty_and_warns_on_dropped_policy_pool(
+    live: Live, tmp_path: Path
+) -> None:
+    """Regression (issue 14.8): ``config set '{}'`` replaced the live config with
+    the built-in default and ``config validate`` called an empty file valid."""
+    before = await live.tp_json("config", "get")
+    for text in ("{}", "", "  \n"):
+        path = tmp_path / "empty.json"
+        path.write_text(text)
+        code, _, err = await live.tp("config", "set", str(path))
+        assert code == 1 and "the config is empty" in err, err
+        code = await anyio.to_thread.run_sync(cli_main, ["config", "validate", str(path)])
+        assert code == 1 and "the config is empty" in live.capsys.readouterr().out
+    # Sent straight to the stream, a worker refuses it too.
+    reply = await live.client.change_config("{}")
+    assert reply.status == "invalid" and "the config is empty" in (reply.error or "")
+    assert await live.tp_json("config", "get") == before
+
+    code, _, err = await live.tp("merchant", "set", "m1", "--pool", "gold", "--fallback", "")
+    assert code == 0, err
+    path = tmp_path / "nogold.json"
+    path.write_text(orjson.dumps({"tiers": {"standard": {"type": "exclusive"}}}).decode())
+    code, out, err = await live.tp("config", "set", str(path))
+    assert "warning: merchant 'm1'" in err and "gold" in err, err
 
 
 @pytest.mark.slow

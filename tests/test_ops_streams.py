@@ -186,6 +186,9 @@ async def test_dead_list_and_requeue(
             },
         )
     )
+    # Its old `invalid` reply is still unread (within REPLY_TTL): requeueing
+    # clears it, so the reply read is the requeued request's (issue 14.9).
+    await r.xadd(KEYS.reply("req-ok"), {"request_id": "req-ok", "status": "invalid"})
     code, out, _ = await tp(capsys, redis_url, "dead", "requeue", good_id)
     assert code == 0 and f"{good_id}: requeued to allocate as " in out
     assert (await reply(r, "req-ok"))["status"] == "allocated"

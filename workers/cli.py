@@ -67,11 +67,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+GLOBAL_OPTIONS = {"--redis-url": True, "--namespace": True, "-n": True, "--json": False}
+"""Options every Redis-facing command takes, that may also come before the command
+(``tierpool --namespace eu status``); True when the option takes a value."""
+
+
+def hoist_global_options(argv: Sequence[str]) -> list[str]:
+    """Move the common options written before the subcommand to after it.
+
+    argparse only knows them on each subcommand; an operator writes them
+    first as often as last. A subcommand that does not take one refuses it
+    by name, as it would after the command.
+    """
+    before: list[str] = []
+    rest = list(argv)
+    while rest and rest[0].startswith("-"):
+        name = rest[0].split("=", 1)[0]
+        if name not in GLOBAL_OPTIONS:
+            break
+        takes_value = GLOBAL_OPTIONS[name] and "=" not in rest[0]
+        count = 2 if takes_value else 1
+        before.extend(rest[:count])
+        rest = rest[count:]
+    if not before or not rest:
+        return list(argv)
+    return [rest[0], *before, *rest[1:]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = hoist_global_options(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's usage error (2) or --help (0), as a return code
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE

@@ -5,7 +5,9 @@
 --   (that no other merchant owns the pool): a newer one makes this 'stale'.
 -- KEYS[KEY0]: the merchants hash.
 -- ARGV[ARG0..]: merchant_id, policy JSON ("" = remove), pub/sub channel.
--- Returns {status, reply fields...}: applied | expired | dup | stale.
+-- Returns {status, reply fields...}: applied | expired | dup | stale. An
+--   applied reply carries merchants_version (the policies' own counter) as
+--   well as config_version, which a policy change leaves as it was.
 --
 -- Invariants: the policy and merchants:version change together, so a worker
 -- holding an older policy set cannot allocate (its guard goes stale).
@@ -26,4 +28,5 @@ end
 local mv = redis.call('INCR', K.mv)
 redis.call('PUBLISH', channel, 'merchants:' .. mv)
 event(kind, {'merchant_id', merchant, 'merchants_version', int(mv)})
-return finish('applied', {'config_version', redis.call('GET', K.cfgv) or '0'})
+return finish('applied', {'config_version', redis.call('GET', K.cfgv) or '0',
+                          'merchants_version', int(mv)})

@@ -23,8 +23,14 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tierpool.core.errors import InvalidMessage, RedisUnavailable, RequestTimeout, SettingsError
-from tierpool.core.keys import Keys
+from tierpool.core.errors import (
+    InvalidMessage,
+    RedisUnavailable,
+    RequestNotSent,
+    RequestTimeout,
+    SettingsError,
+)
+from tierpool.core.keys import Keys, valid_namespace
 from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings, mask_url
 from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_REDIS, EXIT_TIMEOUT, EXIT_USAGE
@@ -68,21 +74,42 @@ def add_common(parser: argparse.ArgumentParser, *, timeout: bool = False) -> Non
     if timeout:
         parser.add_argument(
             "--timeout",
-            type=float,
+            type=positive_seconds,
             default=DEFAULT_TIMEOUT_S,
             metavar="S",
             help=f"seconds to wait for the reply (default {DEFAULT_TIMEOUT_S:g}); exit 4 after",
         )
 
 
+def positive_seconds(text: str) -> float:
+    """``--timeout``: a number of seconds above 0 (0 would give up before sending)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+class OptionError(Exception):
+    """A command-line value that cannot work; the message names the option."""
+
+
 def settings_for(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with ``--redis-url``/``--namespace`` on top."""
-    settings = Settings.from_env(os.environ)
     changes: dict[str, Any] = {}
     if getattr(args, "redis_url", None):
         changes["redis_url"] = args.redis_url
     if getattr(args, "namespace", None):
+        if not valid_namespace(args.namespace):
+            # Checked here so the error names the option, not TIERPOOL_NAMESPACE.
+            raise OptionError(
+                f"--namespace {args.namespace!r}: must be 1-64 chars of [A-Za-z0-9._:-] "
+                "(it goes inside a Redis hash tag)"
+            )
         changes["namespace"] = args.namespace
+    settings = Settings.from_env(os.environ)
     return dataclasses.replace(settings, **changes) if changes else settings
 
 
@@ -105,7 +132,7 @@ def run(args: argparse.Namespace, body: Callable[[Ops], Awaitable[int]]) -> int:
     command = getattr(args, "_command", "tierpool")
     try:
         settings = settings_for(args)
-    except SettingsError as exc:
+    except (SettingsError, OptionError) as exc:
         error(command, str(exc))
         return EXIT_USAGE
 
@@ -127,7 +154,23 @@ def run(args: argparse.Namespace, body: Callable[[Ops], Awaitable[int]]) -> int:
             error(command, f"not sent: {leaf}")
             return EXIT_USAGE
         if isinstance(leaf, RequestTimeout | TimeoutError):
-            error(command, f"timed out: {leaf}")
+            if isinstance(leaf, RequestNotSent):
+                note = "it was never sent, so it will not be applied"
+            else:
+                note = (
+                    "the request stays queued and may still be applied once a worker "
+                    "reads it (check with `tierpool events`)"
+                )
+            if getattr(args, "json", False):
+                write_json(
+                    {
+                        "status": "timeout",
+                        "request_id": getattr(leaf, "request_id", None),
+                        "error": str(leaf),
+                        "note": note,
+                    }
+                )
+            error(command, f"timed out: {leaf}; {note}")
             return EXIT_TIMEOUT
         if isinstance(
             leaf, RedisConnectionError | RedisTimeoutError | ConnectionError | RedisUnavailable

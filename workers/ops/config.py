@@ -11,9 +11,10 @@ without a round trip. ``validate`` never touches Redis.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -58,7 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         add_common(put, timeout=True)
         put.add_argument("merchant_id", metavar="MERCHANT_ID")
         put.add_argument("--pool", help="the merchant's dedicated pool")
-        put.add_argument("--fallback", help="comma-separated pools to try after it")
+        put.add_argument(
+            "--fallback",
+            help="comma-separated pools to try after it; '' = the dedicated pool only "
+            "(leave it out to use the request's chain or the default chain)",
+        )
         put.add_argument("--zone", choices=("any", "restricted"))
         put.add_argument("--min-capability", type=int, choices=range(1, 6), metavar="1-5")
         remove = sub.add_parser("remove", help="remove a merchant's policy")
@@ -85,7 +90,7 @@ def _parse(args: argparse.Namespace) -> tuple[str, TierConfig | None, list[str]]
     except OSError as exc:
         return "", None, [f"cannot read {args.file}: {exc.strerror or exc}"]
     try:
-        return text, parse_tier_config(text), []
+        return text, parse_tier_config(text, empty_is_default=False), []
     except TierConfigError as exc:
         return text, None, exc.problems
 
@@ -147,6 +152,15 @@ async def _config_set(ops: Ops) -> int:
         for problem in problems:
             sys.stderr.write(f"  - {problem}\n")
         return EXIT_FAILED
+    stored = cast("dict[str, str]", await ops.redis.hgetall(ops.keys.merchants))
+    for merchant, pools in sorted(policy_pools(stored).items()):
+        dropped = sorted(p for p in pools if p not in cfg)
+        if dropped:
+            error(
+                "config set",
+                f"warning: merchant {merchant!r}'s policy names {', '.join(dropped)}, which "
+                "this config drops; its calls will not find that pool",
+            )
     from tierpool.workers.ops.client import reply_doc, tierpool_client
 
     async with tierpool_client(ops) as client:
@@ -154,12 +168,29 @@ async def _config_set(ops: Ops) -> int:
     return _report(ops, reply_doc(reply), "applied")
 
 
+def policy_pools(stored: dict[str, str]) -> dict[str, set[str]]:
+    """The pools each stored merchant policy names (dedicated and fallback)."""
+    out: dict[str, set[str]] = {}
+    for merchant, raw in stored.items():
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue  # an unreadable policy is reported by `merchant get`, not here
+        if isinstance(doc, dict):
+            names = [doc.get("pool"), *(doc.get("fallback") or [])]
+            out[merchant] = {n for n in names if isinstance(n, str)}
+    return out
+
+
 def _report(ops: Ops, doc: dict[str, Any], success: str) -> int:
     if ops.json:
         write_json(doc)
     elif doc.get("status") == success:
-        version = doc.get("config_version")
-        write(f"{success}" + (f": config version {version}" if version is not None else ""))
+        if doc.get("merchants_version") is not None:  # a policy change: the tier config stays
+            write(f"{success}: merchant policies version {doc['merchants_version']}")
+        else:
+            version = doc.get("config_version")
+            write(f"{success}" + (f": config version {version}" if version is not None else ""))
     else:
         status = doc.get("status")
         detail = doc.get("error") or ""
@@ -196,7 +227,7 @@ async def _merchant_get(ops: Ops) -> int:
                 [
                     m,
                     p.get("pool"),
-                    ",".join(p.get("fallback") or []) or None,
+                    fallback_text(p),
                     p.get("zone"),
                     p.get("min_capability"),
                 ]
@@ -207,19 +238,75 @@ async def _merchant_get(ops: Ops) -> int:
     return EXIT_OK
 
 
+def fallback_text(policy: dict[str, Any]) -> str:
+    """How a stored policy's fallback reads: absent and empty mean different things."""
+    if "fallback" not in policy or policy["fallback"] is None:
+        return "(request's chain or default chain)"
+    return ",".join(policy["fallback"]) or "(none: dedicated pool only)"
+
+
+def build_policy(args: argparse.Namespace) -> tuple[MerchantPolicy, list[str]]:
+    """The policy ``merchant set`` asks for, and every problem of its syntax.
+
+    The worker checks a policy too, but msgspec stops at the first error; an
+    operator fixing a command line wants them all in one go.
+    """
+    from tierpool.schemas.fields import MAX_POOLS_IN_LIST, NAME_RULE
+
+    problems: list[str] = []
+    fallback: tuple[str, ...] | None = None
+    if args.fallback is not None:
+        fallback = tuple(p.strip() for p in args.fallback.split(",") if p.strip())
+        if len(fallback) > MAX_POOLS_IN_LIST:
+            problems.append(f"--fallback: at most {MAX_POOLS_IN_LIST} pools")
+        dups = sorted({p for p in fallback if fallback.count(p) > 1})
+        if dups:
+            problems.append(f"--fallback: {', '.join(dups)} listed more than once")
+    for option, name in [("--pool", args.pool), *(("--fallback", p) for p in fallback or ())]:
+        if name is not None and not valid_name(name):
+            problems.append(f"{option}: {name!r} is not a pool name ({NAME_RULE})")
+    # What is left once the bad names are taken out: still checked against the
+    # config in force, so the operator hears of every problem in one go.
+    pool = args.pool if args.pool is not None and valid_name(args.pool) else None
+    if fallback is not None:
+        fallback = tuple(dict.fromkeys(p for p in fallback if valid_name(p)))
+    policy = MerchantPolicy(
+        pool=pool, fallback=fallback, zone=args.zone, min_capability=args.min_capability
+    )
+    return policy, problems
+
+
+def valid_name(name: str) -> bool:
+    from tierpool.schemas.fields import NAME_PATTERN
+
+    return re.fullmatch(NAME_PATTERN, name) is not None
+
+
 async def _merchant_change(ops: Ops) -> int:
     args = ops.args
     policy: MerchantPolicy | None = None
     if args.action == "set":
-        fallback = [p.strip() for p in (args.fallback or "").split(",") if p.strip()]
-        policy = MerchantPolicy(
-            pool=args.pool,
-            fallback=tuple(fallback) if fallback else None,
-            zone=args.zone,
-            min_capability=args.min_capability,
-        )
+        policy, problems = build_policy(args)
+        problems += await policy_problems_now(ops, args.merchant_id, policy)
+        if problems:
+            error("merchant set", f"not sent, {len(problems)} problem(s)")
+            for problem in problems:
+                sys.stderr.write(f"  - {problem}\n")
+            return EXIT_FAILED
     from tierpool.workers.ops.client import reply_doc, tierpool_client
 
     async with tierpool_client(ops) as client:
         reply = await client.set_merchant(args.merchant_id, policy)
     return _report(ops, reply_doc(reply), "applied")
+
+
+async def policy_problems_now(ops: Ops, merchant_id: str, policy: MerchantPolicy) -> list[str]:
+    """Every reason the workers would refuse ``policy`` against the config in Redis now."""
+    from tierpool.core.snapshot import read_snapshot
+    from tierpool.core.state import merchant_policy_problems
+    from tierpool.core.tierconfig import default_tier_config
+
+    snap = await read_snapshot(ops.redis, ops.keys, default_tier_config(0))
+    if snap is None:
+        return []  # no config yet: the workers decide against the one they store
+    return merchant_policy_problems(merchant_id, policy, snap)

@@ -3,7 +3,8 @@
 A dead letter (``tp:{NS}:dead``, written by ``reject.lua``) keeps the stream
 the message came from, its entry id, request id, the reason, the delivery
 count and the original fields as JSON. ``requeue`` puts those fields back on
-their stream as a new entry and deletes the dead letter, both in one MULTI,
+their stream as a new entry, deletes the dead letter and the letter's old
+``invalid`` reply (so the requeued request's own reply is the one read), in one MULTI,
 so a message is never lost nor requeued twice. Only the namespace's request
 and pod streams are accepted as targets: a dead letter is data, and its
 ``stream`` field must not make us write to an arbitrary key.
@@ -175,8 +176,14 @@ async def requeue_one(ops: Ops, entry_id: str) -> dict[str, Any]:
                 approximate=True,
             )
             pipe.xdel(dead, entry_id)
+            rid = doc["request_id"]
+            if rid:
+                # The letter's `invalid` reply may still be unread (REPLY_TTL):
+                # left there, a waiter would read it instead of the requeued
+                # request's outcome, and the request_id would count as in use.
+                pipe.delete(ops.keys.reply(rid))
             try:
-                new_id, _deleted = await pipe.execute()
+                new_id, _deleted, *_cleared = await pipe.execute()
             except WatchError:
                 continue  # the dead stream changed meanwhile: look again
             return {
