@@ -309,7 +309,7 @@ async def test_config_set_refuses_empty_and_warns_on_dropped_policy_pool(
     assert code == 0, err
     path = tmp_path / "nogold.json"
     path.write_text(orjson.dumps({"tiers": {"standard": {"type": "exclusive"}}}).decode())
-    code, out, err = await live.tp("config", "set", str(path))
+    _code, _out, err = await live.tp("config", "set", str(path))
     assert "warning: merchant 'm1'" in err and "gold" in err, err
 
 
