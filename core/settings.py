@@ -209,6 +209,26 @@ def _url(
     return {"var": _Var(env, parse, check, show, redact=mask_url)}
 
 
+_HOST: Final = re.compile(r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}")
+
+
+def _host(env: str) -> dict[str, _Var]:
+    """A host name or an IP address literal (IPv6 without brackets) to bind."""
+
+    def check(value: str) -> str | None:
+        if _HOST.fullmatch(value):
+            return None
+        return "must be a host name or an IP address such as 0.0.0.0, 127.0.0.1 or ::"
+
+    def parse(text: str) -> str:
+        problem = check(text)
+        if problem:
+            raise ValueError(problem)
+        return text
+
+    return {"var": _Var(env, parse, check, str)}
+
+
 def _namespace(env: str) -> dict[str, _Var]:
     def check(value: str) -> str | None:
         if valid_namespace(value):
@@ -302,6 +322,9 @@ class Settings:
     reconcile_interval_s: float = field(default=60, metadata=_duration_s("RECONCILE_INTERVAL"))
     call_info_ttl_s: float = field(default=60 * 60, metadata=_duration_s("CALL_INFO_TTL"))
     metrics_port: int = field(default=9090, metadata=_integer("METRICS_PORT", 1, 65535))
+    metrics_host: str = field(default="0.0.0.0", metadata=_host("METRICS_HOST"))
+    """Address the metrics/health listener binds. All interfaces by default:
+    probes and Prometheus reach a worker on its pod address (see ``workers/http.py``)."""
     log_level: LogLevel = field(
         default="info",
         metadata=_choice("LOG_LEVEL", ("debug", "info", "warning", "error"), {"warn": "warning"}),

@@ -90,6 +90,7 @@ def env_clean(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
             "HTTP_WRITE_TIMEOUT",
             "HTTP_IDLE_TIMEOUT",
             "HTTP_SHUTDOWN_TIMEOUT",
+            "METRICS_HOST",
             "LOG_LEVEL",
             "LOG_FORMAT",
             "VOICE_AGENT_BASE_URL",

@@ -15,7 +15,7 @@ import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -99,14 +99,24 @@ class WorkerPool:
         self.procs: list[WorkerProc] = []
 
     def spawn(
-        self, n: int = 1, *, env: Mapping[str, str] | None = None, args: Sequence[str] = ()
+        self,
+        n: int = 1,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        preexec_fn: Callable[[], object] | None = None,
     ) -> list[WorkerProc]:
         """Start ``n`` workers (not yet ready: see :meth:`wait_ready`)."""
         out = []
         for _ in range(n):
             log_path = self.log_dir / f"worker-{len(self.procs)}.log"
             proc, port = spawn_worker(
-                self.redis_url, self.namespace, log_path, env={**self.env, **(env or {})}, args=args
+                self.redis_url,
+                self.namespace,
+                log_path,
+                env={**self.env, **(env or {})},
+                args=args,
+                preexec_fn=preexec_fn,
             )
             wp = WorkerProc(proc, log_path, port)
             self.procs.append(wp)

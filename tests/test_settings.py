@@ -92,6 +92,7 @@ def test_every_variable_is_read() -> None:
         "RECONCILE_INTERVAL": "2m",
         "CALL_INFO_TTL": "2h",
         "METRICS_PORT": "9191",
+        "METRICS_HOST": "127.0.0.1",
         "LOG_LEVEL": "DEBUG",
         "LOG_FORMAT": "Console",
         "VOICE_AGENT_BASE_URL": "wss://agents.example.com/",
@@ -132,6 +133,7 @@ def test_every_variable_is_read() -> None:
     assert (s.lease_ttl_s, s.draining_ttl_s, s.cleanup_interval_s) == (1200, 300, 45)
     assert (s.reconcile_interval_s, s.call_info_ttl_s, s.metrics_port) == (120, 7200, 9191)
     assert (s.log_level, s.log_format) == ("debug", "console")
+    assert s.metrics_host == "127.0.0.1"
     assert s.voice_agent_base_url == "wss://agents.example.com"  # trailing slash dropped
     assert (s.http_port, s.http_read_timeout_s, s.http_write_timeout_s) == (8181, 3, 7)
     assert (s.http_idle_timeout_s, s.http_shutdown_timeout_s) == (120, 0)

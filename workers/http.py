@@ -12,6 +12,18 @@ nothing more, and it keeps a web framework out of the dependencies.
 - ``/health`` and ``/ready``: the anchor's paths for the same two probes
   (contract v1.1), so a smart-router deployment's probes keep working.
 
+The listener is exposed to whatever can reach ``METRICS_HOST`` and must not be
+a way to stop a worker: at most :data:`MAX_CONNECTIONS` connections are open
+at once (a new one evicts the oldest that is still idle), a connection that
+sends no request within :data:`IDLE_TIMEOUT_S` is closed, and running out
+of file descriptors (``EMFILE``) makes the accept loop back off instead of
+ending the worker.
+
+``METRICS_HOST`` defaults to ``0.0.0.0``: Kubernetes probes and Prometheus
+reach a worker on its pod address, from outside the container, and the
+endpoints only read (no secret, no write). A worker on a shared host can
+bind ``127.0.0.1`` or a private interface instead.
+
 Several workers on one host each need their own ``METRICS_PORT`` (the
 Procfile uses honcho's per-process ``$PORT``). A port that is taken fails the
 worker at start with :class:`MetricsPortBusy`, naming ``METRICS_PORT``,
@@ -20,13 +32,16 @@ rather than leaving a worker nobody can scrape or probe.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
-from typing import Final
+from collections.abc import Iterator
+from typing import Final, Protocol, cast
 
 import anyio
+import anyio.lowlevel
 import orjson
-from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -38,8 +53,18 @@ log = logging.getLogger(__name__)
 
 PING_TIMEOUT_S: Final = 1.0
 """/readyz gives Redis this long to answer; a probe must not hang on a dead server."""
-READ_TIMEOUT_S: Final = 5.0
+IDLE_TIMEOUT_S: Final = 5.0
+"""A connection that has not sent its whole request head by then is closed."""
+WRITE_TIMEOUT_S: Final = 10.0
+"""Answering one request (a /readyz PING included) may take this long; then the socket is closed."""
 MAX_HEADER_BYTES: Final = 8192
+MAX_CONNECTIONS: Final = 64
+"""Connections open at once. Prometheus and the probes need a handful; the cap
+keeps a flood from taking the descriptors the worker needs for Redis."""
+ACCEPT_BACKOFF_MIN_S: Final = 0.05
+ACCEPT_BACKOFF_MAX_S: Final = 1.0
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_CLIENT_GONE: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET})
 
 _REASONS: Final = {
     200: "OK",
@@ -123,66 +148,176 @@ async def respond(ctx: WorkerContext, method: str, target: str) -> bytes:
     )
 
 
-async def _handle(ctx: WorkerContext, stream: SocketStream) -> None:
-    async with stream:
+class _Accepting(Protocol):
+    """What the accept loop needs of a listener (anyio's ``SocketListener`` has it)."""
+
+    async def accept(self) -> SocketStream: ...
+
+
+class _Connections:
+    """The listener's open connections: at most ``limit``, the oldest idle one evicted first.
+
+    A connection counts from ``accept()`` until it is closed. When the cap is
+    reached, the connection that has waited longest without sending its
+    request is closed to make room: a flood of idle sockets then only evicts
+    itself, while a probe or a scrape, which sends its request at once, gets
+    through. Only when every open connection is busy answering does the
+    accept loop wait for one to finish.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.evicted = 0
+        self._idle: dict[object, anyio.CancelScope] = {}  # insertion order: oldest first
+        self._freed = anyio.Event()
+
+    def evict_oldest_idle(self) -> bool:
+        """Close the connection idle the longest; False when none is idle."""
+        for key in self._idle:
+            self._idle.pop(key).cancel()
+            self.evicted += 1
+            return True
+        return False
+
+    async def wait_for_room(self) -> None:
+        while self.open >= self.limit:
+            if not self.evict_oldest_idle():
+                self._freed = anyio.Event()
+                await self._freed.wait()
+            else:
+                await anyio.lowlevel.checkpoint()  # let the evicted handler close its socket
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[None]:
+        self.open += 1
         try:
-            with anyio.fail_after(READ_TIMEOUT_S):
-                buffered = BufferedByteReceiveStream(stream)
-                head = await buffered.receive_until(b"\r\n\r\n", MAX_HEADER_BYTES)
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
-            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-                await stream.send(_json(400, {"error": "bad request line"}))
-                return
-            await stream.send(await respond(ctx, parts[0], parts[1]))
-        except (
-            TimeoutError,
-            anyio.EndOfStream,
-            anyio.IncompleteRead,
-            anyio.DelimiterNotFound,
-            anyio.BrokenResourceError,
-            anyio.ClosedResourceError,
-            ConnectionError,
-        ):
-            return  # a client that went away or sent garbage: nothing to answer
-        except Exception:
-            log.exception("http: failed to answer a request")
+            yield
+        finally:
+            self.open -= 1
+            self._freed.set()
+
+    @contextlib.contextmanager
+    def idle(self) -> Iterator[anyio.CancelScope]:
+        """A scope around reading the request: :meth:`evict_oldest_idle` may cancel it."""
+        key = object()
+        with anyio.CancelScope() as scope:
+            self._idle[key] = scope
+            try:
+                yield scope
+            finally:
+                self._idle.pop(key, None)
+
+
+async def _handle(ctx: WorkerContext, stream: SocketStream, conns: _Connections) -> None:
+    with conns.opened():
+        async with stream:
+            try:
+                head = b""
+                with conns.idle(), anyio.fail_after(IDLE_TIMEOUT_S):
+                    buffered = BufferedByteReceiveStream(stream)
+                    head = await buffered.receive_until(b"\r\n\r\n", MAX_HEADER_BYTES)
+                if not head:
+                    return  # evicted to make room for a newer connection
+                request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+                parts = request_line.split()
+                with anyio.fail_after(WRITE_TIMEOUT_S):
+                    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+                        await stream.send(_json(400, {"error": "bad request line"}))
+                        return
+                    await stream.send(await respond(ctx, parts[0], parts[1]))
+            except (
+                TimeoutError,
+                anyio.EndOfStream,
+                anyio.IncompleteRead,
+                anyio.DelimiterNotFound,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                ConnectionError,
+            ):
+                return  # a client that went away, idled or sent garbage: nothing to answer
+            except Exception:
+                log.exception("http: failed to answer a request")
+
+
+async def _accept_loop(
+    ctx: WorkerContext, listener: _Accepting, conns: _Connections, tg: TaskGroup
+) -> None:
+    """Accept forever; out of descriptors, back off instead of dying.
+
+    ``EMFILE``/``ENFILE`` (and the kernel's ``ENOBUFS``/``ENOMEM``) mean the
+    process or the host is out of descriptors or memory right now: the
+    pending connection stays in the kernel's backlog, so retrying at once
+    would spin. The loop frees a descriptor by evicting the oldest idle
+    connection, sleeps (doubling from :data:`ACCEPT_BACKOFF_MIN_S` up to
+    :data:`ACCEPT_BACKOFF_MAX_S`) and tries again; one warning per episode.
+    """
+    backoff = ACCEPT_BACKOFF_MIN_S
+    short_of_fds = False
+    while True:
+        await conns.wait_for_room()
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES:
+                if not short_of_fds:
+                    log.warning(
+                        "http: cannot accept a connection (%s); backing off, %d open",
+                        exc.strerror or exc,
+                        conns.open,
+                    )
+                    short_of_fds = True
+                conns.evict_oldest_idle()
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX_S)
+                continue
+            if exc.errno in _CLIENT_GONE:
+                continue
+            raise
+        if short_of_fds:
+            log.info("http: accepting connections again")
+            short_of_fds = False
+        backoff = ACCEPT_BACKOFF_MIN_S
+        tg.start_soon(_handle, ctx, stream, conns)
 
 
 async def serve(
     ctx: WorkerContext,
     *,
     port: int | None = None,
-    host: str = "0.0.0.0",  # probes and Prometheus come from outside the host
+    host: str | None = None,
+    max_connections: int = MAX_CONNECTIONS,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; ``task_status.started(port)`` once listening.
 
-    ``port`` defaults to ``METRICS_PORT``; ``0`` picks a free port (tests and
-    ``tierpool run`` use it), and the port actually bound is what
-    ``started()`` reports and what the start log line names.
+    ``host`` defaults to ``METRICS_HOST`` and ``port`` to ``METRICS_PORT``;
+    ``0`` picks a free port (tests and ``tierpool run`` use it), and the port
+    actually bound is what ``started()`` reports and what the start log line
+    names.
     """
     want = ctx.settings.metrics_port if port is None else port
+    bind = ctx.settings.metrics_host if host is None else host
     try:
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=want)
+        listener = await anyio.create_tcp_listener(local_host=bind, local_port=want)
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EACCES):
             raise MetricsPortBusy(want, exc) from None
         raise
     async with listener:
         bound = int(listener.extra(SocketAttribute.local_port))
+        shown = f"[{bind}]" if ":" in bind else bind
         log.info(
             "metrics and health on http://%s:%d (/metrics /healthz /readyz)",
-            host,
+            shown,
             bound,
             extra={"metrics_port": bound},
         )
-        task_status.started(bound)
-
-        async def handler(stream: SocketStream) -> None:
-            await _handle(ctx, stream)
-
-        await listener.serve(handler)
+        conns = _Connections(max_connections)
+        async with anyio.create_task_group() as tg:
+            for one in listener.listeners:  # one per address family the host resolves to
+                tg.start_soon(_accept_loop, ctx, cast(_Accepting, one), conns, tg)
+            task_status.started(bound)
 
 
 async def get(host: str, port: int, path: str, *, timeout_s: float = 2.0) -> tuple[int, bytes]:

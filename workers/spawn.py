@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tierpool.workers.redisproc import free_port
@@ -25,8 +25,13 @@ def spawn_worker(
     *,
     env: Mapping[str, str] | None = None,
     args: Sequence[str] = (),
+    preexec_fn: Callable[[], object] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """The started worker (stdout and stderr to ``log_path``) and its metrics port."""
+    """The started worker (stdout and stderr to ``log_path``) and its metrics port.
+
+    ``preexec_fn`` runs in the child before the worker starts (a test lowers
+    ``RLIMIT_NOFILE`` there).
+    """
     port = free_port()
     full = {
         **{
@@ -47,5 +52,6 @@ def spawn_worker(
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
     return proc, port
