@@ -2,8 +2,9 @@
 
 Bootstrap as the anchor: the ``TIER_CONFIG`` env value is written to
 ``tp:{NS}:config`` only when absent (with ``config:version``, in one MSETNX);
-when present, Redis wins. While Redis cannot be reached the env config is the
-snapshot, and :meth:`ConfigCache.run` keeps trying.
+when present, Redis wins. A namespace with no config adopts smart-router's
+``voice:tier:config`` instead when that key exists (migration). While Redis
+cannot be reached the env config is the snapshot, and :meth:`ConfigCache.run` keeps trying.
 
 Freshness, fastest first:
 
@@ -47,10 +48,10 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, WatchError
 
 from tierpool.core.errors import TierConfigError
-from tierpool.core.keys import Keys
+from tierpool.core.keys import ANCHOR_CONFIG_KEY, Keys
 from tierpool.core.settings import Settings
 from tierpool.core.snapshot import ConfigSnapshot, read_snapshot
-from tierpool.core.tierconfig import TierConfig, to_json
+from tierpool.core.tierconfig import TierConfig, read_anchor_tier_config, to_json
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,9 @@ class ConfigCache:
 
     async def _bootstrap(self) -> ConfigSnapshot:
         after = self._snap.version if self._loaded else 0
-        if await bootstrap(self.redis, self.keys, self._env, after):
-            log.info("tier config bootstrapped from TIER_CONFIG as version %d", max(after + 1, 1))
+        config, source = await self._first_config()
+        if await bootstrap(self.redis, self.keys, config, after):
+            log.info("tier config bootstrapped from %s as version %d", source, max(after + 1, 1))
         snap = await read_snapshot(self.redis, self.keys, self._env)
         if snap is None:
             raise ValueError(
@@ -242,6 +244,25 @@ class ConfigCache:
                 "is set: not bootstrapping over a half-written config"
             )
         return snap
+
+    async def _first_config(self) -> tuple[TierConfig, str]:
+        """What a namespace with no config starts with: smart-router's stored config
+        when there is one (the anchor let it win over ``TIER_CONFIG`` too), else the env's.
+
+        Read with the anchor's leniency, each difference logged; a value that
+        cannot be read even so is logged and ``TIER_CONFIG`` is used.
+        """
+        raw = await self.redis.get(ANCHOR_CONFIG_KEY)
+        if raw is None:
+            return self._env, "TIER_CONFIG"
+        try:
+            config, notes = read_anchor_tier_config(raw)
+        except TierConfigError as exc:
+            log.warning("%s not adopted, using TIER_CONFIG: %s", ANCHOR_CONFIG_KEY, exc)
+            return self._env, "TIER_CONFIG"
+        for note in notes:
+            log.warning("%s: %s", ANCHOR_CONFIG_KEY, note)
+        return config, f"smart-router's {ANCHOR_CONFIG_KEY}"
 
     async def _rebase(self) -> None:
         """Give Redis's config (and policies) versions past the ones this worker held.

@@ -24,6 +24,10 @@ _NAMESPACE_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 REQUEST_KINDS = ("allocate", "release", "drain", "config")
 
+ANCHOR_CONFIG_KEY = "voice:tier:config"
+"""smart-router's tier config key (no namespace). Read once, to adopt its
+config when a namespace has none yet; never written."""
+
 
 def valid_namespace(ns: str) -> bool:
     """Whether ``ns`` may name a namespace (no braces: it sits inside a hash tag)."""

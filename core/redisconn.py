@@ -137,15 +137,26 @@ class _Redis(Redis):
         )
 
 
-def connect(url: str, *, client_name: str | None = None, max_connections: int = 64) -> Redis:
-    """An asyncio client with ``decode_responses=True`` and connection retries."""
+def connect(
+    url: str,
+    *,
+    client_name: str | None = None,
+    max_connections: int = 64,
+    retries: int = RETRIES,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+) -> Redis:
+    """An asyncio client with ``decode_responses=True`` and connection retries.
+
+    ``retries`` and ``connect_timeout_s`` are the anchor's ``REDIS_MAX_RETRIES``
+    and ``REDIS_DIAL_TIMEOUT`` (same defaults) when a worker passes its settings.
+    """
     redis = _Redis.from_url(
         url,
         decode_responses=True,
         encoding_errors="replace",  # producers' non-UTF-8 bytes become U+FFFD, never a crash
         socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), RETRIES),
+        socket_connect_timeout=connect_timeout_s,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
         health_check_interval=15,
         client_name=client_name,

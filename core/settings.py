@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from tierpool.core.durations import format_duration, parse_duration_ns
 from tierpool.core.errors import SettingsError, TierConfigError
 from tierpool.core.keys import valid_namespace
-from tierpool.core.tierconfig import TierConfig, parse_tier_config
+from tierpool.core.tierconfig import TierConfig, read_anchor_tier_config
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "console"]
@@ -132,9 +132,15 @@ class _Var:
     redact: Callable[[str], str] = str
 
 
-def _duration_s(env: str, *, allow_zero: bool = False) -> dict[str, _Var]:
+def _duration_s(
+    env: str, *, allow_zero: bool = False, zero_means: float | None = None
+) -> dict[str, _Var]:
+    """A duration in seconds; ``zero_means`` reads a ``0`` from the environment as that value
+    (the anchor read ``DRAINING_TTL=0`` as its default, so a deployment may carry it)."""
+
     def parse(text: str) -> float:
-        return parse_duration_ns(text) / _NS_PER_S
+        seconds = parse_duration_ns(text) / _NS_PER_S
+        return zero_means if zero_means is not None and seconds == 0 else seconds
 
     def check(value: float) -> str | None:
         if value < 0 or (value == 0 and not allow_zero):
@@ -169,6 +175,16 @@ def _integer(env: str, low: int, high: int) -> dict[str, _Var]:
         return None if low <= value <= high else f"must be from {low} to {high}"
 
     return {"var": _Var(env, parse, check, str)}
+
+
+def _retries(env: str, high: int) -> dict[str, _Var]:
+    """A retry count; ``-1`` is 0, as go-redis read it (the anchor's "no retries")."""
+    whole = _integer(env, 0, high)["var"]
+
+    def parse(text: str) -> int:
+        return 0 if text == "-1" else int(whole.parse(text))
+
+    return {"var": _Var(env, parse, whole.check, str)}
 
 
 def _choice(env: str, choices: tuple[str, ...], aliases: Mapping[str, str]) -> dict[str, _Var]:
@@ -256,6 +272,14 @@ def _text(env: str, check: Callable[[str], str | None]) -> dict[str, _Var]:
     return {"var": _Var(env, parse, check, str)}
 
 
+_POD_NAME: Final = re.compile(r"[A-Za-z0-9._-]{0,200}")
+
+
+def _pod_name_problem(value: str) -> str | None:
+    """It goes into the worker id: a consumer and client name, so no spaces."""
+    return None if _POD_NAME.fullmatch(value) else "must be 1-200 chars of [A-Za-z0-9._-]"
+
+
 _K8S_NAME: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
@@ -286,7 +310,7 @@ def _endpoint_template_problem(value: str) -> str | None:
 def _tier_config(env: str) -> dict[str, _Var]:
     def check(value: str) -> str | None:
         try:
-            parse_tier_config(value)
+            read_anchor_tier_config(value)
         except TierConfigError as exc:
             return "; ".join(exc.problems)
         return None
@@ -317,7 +341,10 @@ class Settings:
     tier_config_raw: str = field(default="", metadata=_tier_config("TIER_CONFIG"))
     """The env tier config as given; empty means the built-in default."""
     lease_ttl_s: float = field(default=15 * 60, metadata=_duration_s("LEASE_TTL"))
-    draining_ttl_s: float = field(default=6 * 60, metadata=_duration_s("DRAINING_TTL"))
+    draining_ttl_s: float = field(
+        default=6 * 60, metadata=_duration_s("DRAINING_TTL", zero_means=6 * 60)
+    )
+    """``DRAINING_TTL=0`` is this default, as the anchor read it."""
     cleanup_interval_s: float = field(default=30, metadata=_duration_s("CLEANUP_INTERVAL"))
     reconcile_interval_s: float = field(default=60, metadata=_duration_s("RECONCILE_INTERVAL"))
     call_info_ttl_s: float = field(default=60 * 60, metadata=_duration_s("CALL_INFO_TTL"))
@@ -337,6 +364,13 @@ class Settings:
         metadata=_url("VOICE_AGENT_BASE_URL", ("ws", "wss", "http", "https"), base=True),
     )
     """Base of every reply's ``session_url``."""
+    redis_max_retries: int = field(default=3, metadata=_retries("REDIS_MAX_RETRIES", 100))
+    """Retries of a command whose connection failed, before the caller sees the error."""
+    redis_dial_timeout_s: float = field(default=5, metadata=_duration_s("REDIS_DIAL_TIMEOUT"))
+    """How long opening a Redis connection may take."""
+    pod_name: str = field(default="", metadata=_text("POD_NAME", _pod_name_problem))
+    """Kubernetes' downward-API pod name: starts the worker id (the leader's identity,
+    the consumer name) instead of the host name; empty means the host name."""
 
     # --- the anchor's HTTP server: ``tierpool gateway`` (contract v1.1) --------
     http_port: int = field(default=8080, metadata=_integer("HTTP_PORT", 1, 65535))
@@ -502,7 +536,11 @@ class Settings:
 
         Only a starting point: the config in Redis, when present, wins.
         """
-        return parse_tier_config(self.tier_config_raw)
+        return read_anchor_tier_config(self.tier_config_raw)[0]
+
+    def tier_config_notes(self) -> tuple[str, ...]:
+        """What tierpool reads differently in ``TIER_CONFIG`` than the anchor did (warnings)."""
+        return read_anchor_tier_config(self.tier_config_raw)[1]
 
     # Lua scripts take milliseconds; derive them here rather than at every call.
     @property

@@ -561,3 +561,74 @@ def _json_type(value: object) -> str:
     if isinstance(value, list | tuple):
         return "array"
     return type(value).__name__
+
+
+def read_anchor_tier_config(
+    raw: str | bytes, *, version: int | None = None
+) -> tuple[TierConfig, tuple[str, ...]]:
+    """Read a config smart-router accepted, and say what tierpool reads differently.
+
+    For ``TIER_CONFIG`` and the anchor's ``voice:tier:config``: a value that
+    ran the anchor must start tierpool, not stop it. Three things the strict
+    reading refuses are read as the anchor read them, each with a note (to
+    be logged as a warning): an unknown key is ignored; an exclusive tier's
+    ``max_concurrent`` above 1 is read as 1 (the anchor never put two calls
+    on an exclusive pod either); a chain entry naming no tier, or repeating
+    one, is dropped (an empty chain is then built). Anything else wrong is
+    still a :class:`~core.errors.TierConfigError`.
+
+    Operator input (``tierpool config set``, the config stream) stays strict:
+    there a typo is better refused than read around.
+    """
+    notes: list[str] = []
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    doc, json_problems = _load_json(text) if text.strip() else ({}, [])
+    if json_problems or not isinstance(doc, dict):
+        return parse_tier_config(raw, version=version), ()  # raises, or the default
+    if any(key in doc for key in _STRUCTURED_KEYS):
+        for key in [k for k in doc if k not in _STRUCTURED_KEYS]:
+            notes.append(
+                f"key {key!r} ignored (not a tier config key; smart-router ignored it too)"
+            )
+            del doc[key]
+        specs = doc.get("tiers")
+    else:
+        specs = doc
+    if isinstance(specs, dict):
+        for name, spec in specs.items():
+            if isinstance(spec, dict):
+                notes += _loosen_spec(str(name), spec)
+        chain = doc.get("default_chain")
+        if isinstance(chain, list):
+            kept: list[object] = []
+            for entry in chain:
+                if isinstance(entry, str) and (entry not in specs or entry in kept):
+                    why = "names no tier" if entry not in specs else "repeats a tier"
+                    notes.append(
+                        f"default_chain entry {entry!r} dropped: it {why}, as smart-router did"
+                    )
+                else:
+                    kept.append(entry)
+            if kept:
+                doc["default_chain"] = kept
+            else:
+                del doc["default_chain"]
+                notes.append("default_chain had no usable entry: built from the tiers instead")
+    return parse_tier_config(doc, version=version), tuple(notes)
+
+
+def _loosen_spec(name: str, spec: dict[str, object]) -> list[str]:
+    """Fix one tier SPEC in place as the anchor read it; the notes saying what changed."""
+    notes: list[str] = []
+    for key in [k for k in spec if k not in _SPEC_KEYS]:
+        notes.append(f"tier {name!r}: key {key!r} ignored (smart-router ignored it too)")
+        del spec[key]
+    kind = spec.get("type")
+    mc = spec.get("max_concurrent")
+    if kind in (None, "", "exclusive") and _is_int(mc) and isinstance(mc, int) and mc > 1:
+        notes.append(
+            f"tier {name!r}: max_concurrent {mc} read as 1: an exclusive pod holds one call "
+            "(smart-router never gave it more either; use type shared for several)"
+        )
+        spec["max_concurrent"] = 1
+    return notes

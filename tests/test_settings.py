@@ -40,6 +40,11 @@ def test_defaults() -> None:
     assert s.namespace == "default"
     assert s.pod_ttl_s == 15
     assert s.reply_ttl_s == 60
+    # The anchor's other variables, with its defaults (contract v1.1).
+    assert (s.redis_max_retries, s.redis_dial_timeout_s, s.pod_name) == (3, 5, "")
+    assert (s.http_port, s.http_read_timeout_s, s.http_write_timeout_s) == (8080, 5, 10)
+    assert (s.http_idle_timeout_s, s.http_shutdown_timeout_s) == (60, 30)
+    assert (s.kube_namespace, s.pod_label_selector) == ("default", "app=voice-agent")
     # Upstream config source.
     assert s.tier_config_url is None
     assert s.tier_config_ttl_s == 1800
@@ -96,6 +101,9 @@ def test_every_variable_is_read() -> None:
         "LOG_LEVEL": "DEBUG",
         "LOG_FORMAT": "Console",
         "VOICE_AGENT_BASE_URL": "wss://agents.example.com/",
+        "REDIS_MAX_RETRIES": "-1",
+        "REDIS_DIAL_TIMEOUT": "2s",
+        "POD_NAME": "smart-router-7c9f-x2",
         "HTTP_PORT": "8181",
         "HTTP_READ_TIMEOUT": "3s",
         "HTTP_WRITE_TIMEOUT": "7s",
@@ -137,6 +145,8 @@ def test_every_variable_is_read() -> None:
     assert s.voice_agent_base_url == "wss://agents.example.com"  # trailing slash dropped
     assert (s.http_port, s.http_read_timeout_s, s.http_write_timeout_s) == (8181, 3, 7)
     assert (s.http_idle_timeout_s, s.http_shutdown_timeout_s) == (120, 0)
+    assert (s.redis_max_retries, s.redis_dial_timeout_s) == (0, 2)  # -1: go-redis's "none"
+    assert s.pod_name == "smart-router-7c9f-x2"
     assert (s.namespace, s.pod_ttl_s, s.reply_ttl_s) == ("eu-west:1", 30, 120)
     assert s.tier_config_url == "https://config.example.com/tiers?token=abc"
     assert s.tier_config_ttl_s == 600
@@ -233,7 +243,10 @@ def test_tier_config_default_is_the_builtin_one() -> None:
         ("TIER_CONFIG_URL", "ftp://x/y", "must be a URL starting with http:// or https://"),
         ("TIER_CONFIG", "{bad", "not valid JSON"),
         ("TIER_CONFIG", '{"gold": -1}', "tier 'gold': target must be >= 0, got -1"),
-        ("TIER_CONFIG", '{"tiers":{"g":1},"default_chain":["x"]}', "unknown tier 'x'"),
+        ("TIER_CONFIG", '{"g": {"type": "premium"}}', "unknown type 'premium'"),
+        ("REDIS_MAX_RETRIES", "-2", "whole number"),
+        ("REDIS_DIAL_TIMEOUT", "0", "longer than 0s"),
+        ("POD_NAME", "a b", "chars of"),
     ],
 )
 def test_bad_value_names_its_variable(variable: str, value: str, problem: str) -> None:

@@ -21,9 +21,13 @@ from tierpool.core.settings import Settings
 from tierpool.core.state import PoolState
 
 
-def make_worker_id() -> str:
-    """Unique per process, readable in XINFO CONSUMERS: host-pid-random."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+def make_worker_id(pod_name: str | None = None) -> str:
+    """Unique per process, readable in XINFO CONSUMERS: host-pid-random.
+
+    ``POD_NAME`` (the anchor's downward-API name) replaces the host name when
+    set, so the leader and each consumer are named after their pod.
+    """
+    return f"{pod_name or socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
@@ -55,8 +59,13 @@ class WorkerContext:
     @classmethod
     def create(cls, settings: Settings, worker_id: str | None = None) -> WorkerContext:
         keys = Keys(settings.namespace)
-        wid = worker_id or make_worker_id()
-        redis = connect(settings.redis_url, client_name=f"tierpool:{wid}")
+        wid = worker_id or make_worker_id(settings.pod_name or None)
+        redis = connect(
+            settings.redis_url,
+            client_name=f"tierpool:{wid}",
+            retries=settings.redis_max_retries,
+            connect_timeout_s=settings.redis_dial_timeout_s,
+        )
         cache = ConfigCache(redis, keys, settings)
         state = PoolState(redis, keys, settings, cache)
         return cls(settings, keys, redis, cache, state, wid)

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from tierpool.core.anchorenv import unused_variable_warnings
 from tierpool.core.clock import now_ms
 from tierpool.core.errors import SettingsError, find_in_group
 from tierpool.core.keys import GROUP
@@ -269,6 +271,16 @@ async def serve(settings: Settings, without: frozenset[str] = frozenset()) -> No
     log.info("worker stopped")
 
 
+def warn_about_anchor_settings(settings: Settings, env: Mapping[str, str] = os.environ) -> None:
+    """One warning per smart-router variable the worker does not use, and per
+    thing in ``TIER_CONFIG`` it reads differently: a migrated deployment starts,
+    and its operator learns what to change (docs/migrating-from-smart-router.md)."""
+    for text in unused_variable_warnings("worker", env):
+        log.warning(text)
+    for note in settings.tier_config_notes():
+        log.warning("TIER_CONFIG: %s", note)
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
@@ -278,6 +290,7 @@ def main(args: argparse.Namespace) -> int:
     _setup_logging(settings)
     for name in unknown_tierpool_variables():
         log.warning("unknown variable %s ignored (a typo?)", name)
+    warn_about_anchor_settings(settings)
     try:
         anyio.run(serve, settings, frozenset(getattr(args, "without", None) or ()))
     except Exception as exc:
