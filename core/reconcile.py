@@ -20,7 +20,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from redis.asyncio import Redis
@@ -29,7 +29,7 @@ from tierpool.core.clock import redis_time_ms
 from tierpool.core.keys import Keys
 from tierpool.core.placement import join_candidates
 from tierpool.core.scripts import run_calls, run_one
-from tierpool.core.snapshot import ConfigSnapshot, dedicated_pools
+from tierpool.core.snapshot import ConfigSnapshot, dedicated_pools, retry_stale
 from tierpool.core.state import PoolState
 from tierpool.core.tierconfig import Zone, pod_may_join
 
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 REAP_BATCH = 500
 """Items of each kind one reap call handles: bounds how long the script blocks Redis."""
 MAX_REAP_BATCHES = 100
-STALE_TRIES = 3
 
 Status = Literal["ok", "fenced", "stale"]
 
@@ -223,9 +222,8 @@ async def apply_moves(
 
 async def reconcile(state: PoolState, token: str, now_ms: int | None = None) -> ReconcileResult:
     """One reconcile cycle: read, plan, move. Retries on a stale config."""
-    result = ReconcileResult()
-    for attempt in range(STALE_TRIES):
-        snap = state.source.current()
+
+    async def attempt(snap: ConfigSnapshot) -> ReconcileResult:
         view = await read_view(state.redis, state.keys, state.settings.pod_ttl_ms, now_ms)
         result = await apply_moves(state, snap, token, plan(view, snap), now_ms)
         counted = Counter(p.pool for p in view.pods.values() if p.pool)
@@ -234,10 +232,9 @@ async def reconcile(state: PoolState, token: str, now_ms: int | None = None) -> 
             for p in {*view.counts, *counted}
             if view.counts.get(p, 0) != counted.get(p, 0)
         }
-        if result.status != "stale" or attempt == STALE_TRIES - 1:
-            break
-        await state.source.refresh()
-    return result
+        return result
+
+    return await retry_stale(state.source, attempt, lambda r: r.status == "stale")
 
 
 # --- zombie cleanup --------------------------------------------------------------
@@ -263,23 +260,19 @@ async def reap(
     is reaped next cycle, and nothing is ever concluded from a failed read.
     """
     result = ReapResult()
-    stale_left = STALE_TRIES
-    snap = state.source.current()
-    while result.batches < MAX_REAP_BATCHES:
+
+    async def one_batch(snap: ConfigSnapshot) -> list[Any]:
         call = state.leader_call("reap", snap, (token, str(batch)), now_ms=now_ms)
         answer = await run_one(state.redis, call)
         assert isinstance(answer, list)
+        return answer
+
+    while result.batches < MAX_REAP_BATCHES:
+        answer = await retry_stale(state.source, one_batch, _stale_answer)
         status = str(answer[0])
-        if status == "fenced":
-            result.status = "fenced"
+        if status in ("fenced", "stale"):
+            result.status = "fenced" if status == "fenced" else "stale"
             return result
-        if status == "stale":
-            stale_left -= 1
-            if stale_left <= 0:
-                result.status = "stale"
-                return result
-            snap = await state.source.refresh()
-            continue
         leases, pods, drains = (int(x) for x in answer[1:4])
         result.leases += leases
         result.pods += pods
@@ -288,6 +281,10 @@ async def reap(
         if max(leases, pods, drains) < batch:
             break
     return result
+
+
+def _stale_answer(answer: list[Any]) -> bool:
+    return str(answer[0]) == "stale"
 
 
 # --- gauges ----------------------------------------------------------------------
@@ -303,18 +300,19 @@ async def publish_gauges(state: PoolState, token: str, now_ms: int | None = None
     Pool targets are not stored: they are config, which every replica's
     exporter already holds at the same version.
     """
-    snap = state.source.current()
-    for attempt in range(STALE_TRIES):
+
+    async def attempt(snap: ConfigSnapshot) -> list[Any]:
         call = state.leader_call(
             "gauges", snap, (token,), extra_keys=(state.keys.gauges,), now_ms=now_ms
         )
         answer = await run_one(state.redis, call)
         assert isinstance(answer, list)
-        status = str(answer[0])
-        if status == "fenced":
-            return GaugesResult("fenced")
-        if status == "ok":
-            return GaugesResult("ok", orjson.loads(answer[1]))
-        if attempt < STALE_TRIES - 1:
-            snap = await state.source.refresh()
+        return answer
+
+    answer = await retry_stale(state.source, attempt, _stale_answer)
+    status = str(answer[0])
+    if status == "fenced":
+        return GaugesResult("fenced")
+    if status == "ok":
+        return GaugesResult("ok", orjson.loads(answer[1]))
     return GaugesResult("stale")

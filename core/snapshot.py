@@ -8,10 +8,10 @@ worker never acts on an old config, however late its invalidation arrives.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
@@ -93,3 +93,32 @@ class SnapshotSource(Protocol):
     def current(self) -> ConfigSnapshot: ...
 
     async def refresh(self) -> ConfigSnapshot: ...
+
+
+STALE_TRIES = 4
+"""Attempts at one decision while scripts answer ``stale`` (Redis holds a newer
+config or policy set): the first, then one after each refresh. Past that the
+caller reports ``stale`` and tries again later (an entry stays pending)."""
+
+T = TypeVar("T")
+
+
+async def retry_stale(
+    source: SnapshotSource,
+    attempt: Callable[[ConfigSnapshot], Awaitable[T]],
+    is_stale: Callable[[T], bool],
+    on_retry: Callable[[T], object] | None = None,
+) -> T:
+    """Run ``attempt`` with the current snapshot, and again with a refreshed one
+    while its result ``is_stale``, at most :data:`STALE_TRIES` times; the last
+    result either way. ``on_retry`` sees each stale result that is retried.
+    The one retry rule of every script caller."""
+    snap = source.current()
+    for n in range(1, STALE_TRIES + 1):
+        result = await attempt(snap)
+        if n == STALE_TRIES or not is_stale(result):
+            break
+        if on_retry is not None:
+            on_retry(result)
+        snap = await source.refresh()
+    return result

@@ -10,7 +10,7 @@ snapshot and resent, so no allocation is ever made on an old config.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -21,7 +21,7 @@ from tierpool.core.errors import TierConfigError
 from tierpool.core.keys import Keys
 from tierpool.core.scripts import Call, CallBuilder, PoolTable, run_calls
 from tierpool.core.settings import Settings
-from tierpool.core.snapshot import ConfigSnapshot, SnapshotSource, dedicated_pools
+from tierpool.core.snapshot import ConfigSnapshot, SnapshotSource, dedicated_pools, retry_stale
 from tierpool.core.tierconfig import TierConfig, parse_tier_config, to_json
 from tierpool.schemas import (
     AllocateRequest,
@@ -45,8 +45,6 @@ Message = (
     | PodHeartbeat
     | PodDeregister
 )
-
-STALE_RETRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +97,8 @@ class PoolState:
             lease_ttl_ms=settings.lease_ttl_ms,
             draining_ttl_ms=settings.draining_ttl_ms,
         )
+        self.on_stale_retry: Callable[[int], object] = lambda n: None
+        """Told how many calls of a batch are resent after a ``stale`` (a metric)."""
         # The pool table of the config last used: it holds the config itself,
         # so the identity check can never match a different, newer object.
         self._last_table: tuple[TierConfig, PoolTable] | None = None
@@ -275,12 +275,13 @@ class PoolState:
         now_ms: int | None = None,
     ) -> list[Outcome]:
         """Apply a batch: one pipelined round trip, plus one per stale retry."""
-        out: list[Outcome | None] = [None] * len(items)
+        out = [Outcome("stale")] * len(items)
         todo = list(range(len(items)))
-        snap = self.source.current()
-        for attempt in range(STALE_RETRIES + 1):
+
+        async def attempt(snap: ConfigSnapshot) -> list[int]:
+            """Send the calls still to do; the indexes that came back stale."""
+            nonlocal todo
             calls: list[Call] = []
-            idx: list[int] = []
             for i in todo:
                 msg, entry = items[i]
                 prepared = self.prepare(msg, snap, entry, now_ms)
@@ -296,20 +297,14 @@ class PoolState:
                         decided_with=snap,
                     )
                 calls.append(prepared)
-                idx.append(i)
             results = await run_calls(self.redis, calls) if calls else []
-            stale: list[int] = []
-            for i, res in zip(idx, results, strict=True):
-                outcome = _outcome(res)
-                if outcome.status == "stale" and attempt < STALE_RETRIES:
-                    stale.append(i)
-                else:
-                    out[i] = outcome
-            if not stale:
-                break
-            snap = await self.source.refresh()
-            todo = stale
-        return [o if o is not None else Outcome("stale") for o in out]
+            for i, res in zip(todo, results, strict=True):
+                out[i] = _outcome(res)
+            todo = [i for i in todo if out[i].status == "stale"]
+            return todo
+
+        await retry_stale(self.source, attempt, bool, lambda stale: self.on_stale_retry(len(stale)))
+        return out
 
     async def apply(
         self, msg: Message, entry: Entry | None = None, now_ms: int | None = None

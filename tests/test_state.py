@@ -7,6 +7,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.statekit import KEYS, Ops, RedisSource, make_state
+from tierpool.core.snapshot import STALE_TRIES
 from tierpool.core.state import Entry, PoolState
 from tierpool.schemas import AllocateRequest, ConfigRequest, MerchantPolicy
 
@@ -269,9 +270,12 @@ async def test_stale_snapshot_is_refused_then_refreshed(r: Redis) -> None:
     assert (applied.status, applied.fields["config_version"]) == ("applied", "2")
     # this worker's snapshot still says gold: the script refuses, the state refreshes
     assert state.source.current().version == 1
+    retried: list[int] = []
+    state.on_stale_retry = retried.append  # tierpool_stale_retries_total in a worker
     out = await ops.allocate("c1")
     assert out.status == "rejected"
     assert state.source.current().version == 2
+    assert retried == [1]
     assert await r.hget(KEYS.pod_pool, "p0") == ""
 
 
@@ -286,8 +290,11 @@ async def test_a_source_that_cannot_refresh_never_allocates_on_an_old_version(r:
 
     frozen = PoolState(r, KEYS, state.settings, Frozen(r, KEYS))
     frozen.source.snap = state.source.current()  # type: ignore[attr-defined]
+    retried: list[int] = []
+    frozen.on_stale_retry = retried.append
     out = await frozen.apply(AllocateRequest(request_id="x", call_id="c1"))
     assert out.status == "stale"
+    assert retried == [1] * (STALE_TRIES - 1)  # every try but the last is retried
     assert await r.hlen(KEYS.calls) == 0
 
 

@@ -19,6 +19,7 @@ from tierpool.core.keys import Keys
 from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.core.state import PoolState
+from tierpool.workers import metrics
 
 
 def make_worker_id(pod_name: str | None = None) -> str:
@@ -68,4 +69,5 @@ class WorkerContext:
         )
         cache = ConfigCache(redis, keys, settings)
         state = PoolState(redis, keys, settings, cache)
+        state.on_stale_retry = metrics.stale_retries_total.inc
         return cls(settings, keys, redis, cache, state, wid)
