@@ -24,7 +24,7 @@ from tierpool.client.mux import Mux, MuxStats
 from tierpool.core.clock import now_ms
 from tierpool.core.errors import ClientClosed, InvalidMessage, RequestNotSent
 from tierpool.core.keys import Keys
-from tierpool.core.redisconn import connect
+from tierpool.core.redisconn import RedisTarget, connect
 from tierpool.schemas import (
     AllocateRequest,
     ConfigRequest,
@@ -120,8 +120,14 @@ class TierpoolClient:
         self._owns_redis = False
 
     @classmethod
-    def from_url(cls, url: str, *, namespace: str = "default", **kwargs: Any) -> TierpoolClient:
-        """A client with its own Redis settings from ``url``; :meth:`aclose` closes them."""
+    def from_url(
+        cls, url: str | RedisTarget, *, namespace: str = "default", **kwargs: Any
+    ) -> TierpoolClient:
+        """A client with its own Redis settings from ``url``; :meth:`aclose` closes them.
+
+        ``url`` may be a :class:`~tierpool.core.redisconn.RedisTarget`
+        (``Settings.from_env().redis_target``) to reach Redis through Sentinels.
+        """
         client = cls(connect(url, client_name="tierpool-client"), namespace=namespace, **kwargs)
         client._owns_redis = True
         return client

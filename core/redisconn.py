@@ -16,19 +16,37 @@ Two costs of redis-py's asyncio client are cut here, both measured by
   arming and cancelling a timer per reply, which was a third of what was
   left. Any other pipeline (transactions, WATCH, other commands and their
   response callbacks) runs as redis-py runs it.
+
+Where Redis is comes in a :class:`RedisTarget`: a URL alone (standalone
+Redis), or the URL plus Sentinels. With Sentinels, every connection asks
+them for the master's address when it (re)connects, so after a failover
+the next reconnect reaches the new master; a connection still open to a
+demoted master gets ``READONLY``, which redis-py's Sentinel connection turns
+into a connection error (retried like any lost connection). While no
+master is known (between the kill and the election) connecting fails with
+``MasterNotFoundError``, a ``ConnectionError``: callers see "Redis down",
+as for a restart, and back off.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, ConnectionPool, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -37,6 +55,31 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 SOCKET_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 RETRIES = 3
+SENTINEL_TIMEOUT_S = 1.0
+"""Per Sentinel query: a dead Sentinel must not hold up asking the next one."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where a process finds Redis: ``url``, and the Sentinels to ask for its master.
+
+    With ``sentinels`` (``host:port`` strings), ``url`` still supplies the
+    scheme (``rediss`` for TLS), user, password, database and TLS query
+    options (``ssl_ca_certs``...), but not the host: the Sentinels name the
+    master. The Sentinels are reached with the URL's TLS options and without
+    its credentials.
+    """
+
+    url: str
+    sentinels: Sequence[str] = ()
+    sentinel_master: str = "mymaster"
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for item in self.sentinels:
+            host, _, port = item.strip().rpartition(":")
+            out.append((host.strip("[]"), int(port)))
+        return out
 
 
 class _HiredisPacking(AbstractConnection):
@@ -131,14 +174,25 @@ class _ScriptPipeline(Pipeline):
 
 
 class _Redis(Redis):
+    _sentinel: Sentinel | None = None
+
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
         return _ScriptPipeline(
             self.connection_pool, self.response_callbacks, transaction, shard_hint
         )
 
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the connections, and the Sentinel clients when this client made them."""
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            sentinel, self._sentinel = self._sentinel, None
+            if sentinel is not None:
+                await sentinel.aclose()
+
 
 def connect(
-    url: str,
+    target: str | RedisTarget,
     *,
     client_name: str | None = None,
     max_connections: int = 64,
@@ -147,22 +201,61 @@ def connect(
 ) -> Redis:
     """An asyncio client with ``decode_responses=True`` and connection retries.
 
-    ``retries`` and ``connect_timeout_s`` are the anchor's ``REDIS_MAX_RETRIES``
-    and ``REDIS_DIAL_TIMEOUT`` (same defaults) when a worker passes its settings.
+    ``target`` is a URL (standalone Redis) or a :class:`RedisTarget`
+    (``Settings.redis_target``), which may name Sentinels. ``retries`` and
+    ``connect_timeout_s`` are the anchor's ``REDIS_MAX_RETRIES`` and
+    ``REDIS_DIAL_TIMEOUT`` (same defaults) when a worker passes its settings.
     """
-    redis = _Redis.from_url(
-        url,
-        decode_responses=True,
-        encoding_errors="replace",  # producers' non-UTF-8 bytes become U+FFFD, never a crash
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=connect_timeout_s,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
-        health_check_interval=15,
-        client_name=client_name,
-        max_connections=max_connections,
-    )
+    if isinstance(target, str):
+        target = RedisTarget(target)
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "encoding_errors": "replace",  # producers' non-UTF-8 bytes become U+FFFD, never a crash
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": connect_timeout_s,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+        "health_check_interval": 15,
+        "client_name": client_name,
+        "max_connections": max_connections,
+    }
+    redis: Redis
+    if target.sentinels:
+        redis = _via_sentinels(target, options)
+    else:
+        redis = _Redis.from_url(target.url, **options)
     pool = redis.connection_pool
     if str(pool.connection_kwargs.get("encoding", "utf-8")).lower() in ("utf-8", "utf8"):
         pool.connection_class = _with_hiredis_packing(pool.connection_class)
+    return redis
+
+
+def _via_sentinels(target: RedisTarget, options: dict[str, Any]) -> _Redis:
+    """A client of the master the Sentinels name, with the URL's credentials and TLS."""
+    url_options: dict[str, Any] = dict(parse_url(target.url))
+    url_options.pop("host", None)
+    url_options.pop("port", None)
+    tls = url_options.pop("connection_class", None) is SSLConnection
+    tls_options = {k: v for k, v in url_options.items() if k.startswith("ssl_")}
+    if tls:
+        tls_options["connection_class"] = SSLConnection
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        target.sentinel_addresses(),
+        sentinel_kwargs={
+            "socket_timeout": SENTINEL_TIMEOUT_S,
+            "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+            "decode_responses": True,
+            **tls_options,
+        },
+    )
+    pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        target.sentinel_master,
+        sentinel,
+        connection_class=SentinelManagedSSLConnection if tls else SentinelManagedConnection,
+        **url_options,
+        **options,
+    )
+    redis = _Redis.from_pool(pool)
+    assert isinstance(redis, _Redis)
+    redis._sentinel = sentinel
     return redis

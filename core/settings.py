@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from tierpool.core.durations import format_duration, parse_duration_ns
 from tierpool.core.errors import SettingsError, TierConfigError
 from tierpool.core.keys import valid_namespace
+from tierpool.core.redisconn import RedisTarget
 from tierpool.core.tierconfig import TierConfig, read_anchor_tier_config
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -245,6 +246,46 @@ def _host(env: str) -> dict[str, _Var]:
     return {"var": _Var(env, parse, check, str)}
 
 
+def _host_port_problem(item: str) -> str | None:
+    host, colon, port = item.rpartition(":")
+    if not colon or not host or not _DIGITS.fullmatch(port) or not 0 < int(port) < 65536:
+        return f"{item!r} is not host:port"
+    return None
+
+
+def _host_ports(env: str) -> dict[str, _Var]:
+    """A comma-separated ``host:port`` list (IPv6 as ``[::1]:26379``); empty means none."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(part.strip() for part in text.split(",") if part.strip())
+        problem = check(items)
+        if problem:
+            raise ValueError(problem)
+        return items
+
+    def check(value: tuple[str, ...]) -> str | None:
+        for item in value:
+            problem = _host_port_problem(item)
+            if problem:
+                return f"must be a comma-separated list of host:port ({problem})"
+        return None
+
+    return {"var": _Var(env, parse, check, ",".join)}
+
+
+def _name(env: str) -> dict[str, _Var]:
+    def check(value: str) -> str | None:
+        return None if value and value.isprintable() and " " not in value else "must be a name"
+
+    def parse(text: str) -> str:
+        problem = check(text)
+        if problem:
+            raise ValueError(problem)
+        return text
+
+    return {"var": _Var(env, parse, check, str)}
+
+
 def _namespace(env: str) -> dict[str, _Var]:
     def check(value: str) -> str | None:
         if valid_namespace(value):
@@ -338,6 +379,13 @@ class Settings:
         default="redis://localhost:6379",
         metadata=_url("REDIS_URL", ("redis", "rediss", "unix")),
     )
+    redis_sentinels: tuple[str, ...] = field(default=(), metadata=_host_ports("REDIS_SENTINELS"))
+    """Sentinels (``host:port``) to ask for the master; empty: ``REDIS_URL``'s host is Redis.
+
+    With sentinels, ``REDIS_URL`` still gives the scheme (``rediss`` for
+    TLS), credentials, database and TLS options; its host and port are not used.
+    """
+    redis_sentinel_master: str = field(default="mymaster", metadata=_name("REDIS_SENTINEL_MASTER"))
     tier_config_raw: str = field(default="", metadata=_tier_config("TIER_CONFIG"))
     """The env tier config as given; empty means the built-in default."""
     lease_ttl_s: float = field(default=15 * 60, metadata=_duration_s("LEASE_TTL"))
@@ -530,6 +578,11 @@ class Settings:
         Passwords in URLs are masked (``redis://user:***@host:6379``).
         """
         return {_var(f.name).env: _var(f.name).show(getattr(self, f.name)) for f in fields(self)}
+
+    @property
+    def redis_target(self) -> RedisTarget:
+        """Where Redis is: what ``core.redisconn.connect`` takes."""
+        return RedisTarget(self.redis_url, self.redis_sentinels, self.redis_sentinel_master)
 
     def tier_config(self) -> TierConfig:
         """The tier config ``TIER_CONFIG`` gives (the built-in default when empty), version 0.

@@ -62,7 +62,7 @@ class WorkerContext:
         keys = Keys(settings.namespace)
         wid = worker_id or make_worker_id(settings.pod_name or None)
         redis = connect(
-            settings.redis_url,
+            settings.redis_target,
             client_name=f"tierpool:{wid}",
             retries=settings.redis_max_retries,
             connect_timeout_s=settings.redis_dial_timeout_s,

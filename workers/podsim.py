@@ -164,10 +164,10 @@ class PodSim:
 
 async def serve(settings: Settings, args: argparse.Namespace) -> None:
     keys = Keys(settings.namespace)
-    events_redis = connect(settings.redis_url, client_name="tierpool-podsim-events")
+    events_redis = connect(settings.redis_target, client_name="tierpool-podsim-events")
     try:
         async with TierpoolClient.from_url(
-            settings.redis_url, namespace=settings.namespace, client_name="tierpool-podsim"
+            settings.redis_target, namespace=settings.namespace, client_name="tierpool-podsim"
         ) as client:
             sim = PodSim(client, args, settings.heartbeat_s)
             async with anyio.create_task_group() as tg:

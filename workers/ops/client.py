@@ -21,7 +21,7 @@ from tierpool.workers.ops.common import Ops
 async def tierpool_client(ops: Ops) -> AsyncIterator[TierpoolClient]:
     """A started client; requests time out after ``--timeout`` (RequestTimeout: exit 4)."""
     async with TierpoolClient.from_url(
-        ops.settings.redis_url,
+        ops.settings.redis_target,
         namespace=ops.settings.namespace,
         default_timeout_s=float(ops.args.timeout),
     ) as client:

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace, body: Callable[[Ops], Awaitable[int]]) -> int:
         return EXIT_USAGE
 
     async def main() -> int:
-        redis = connect(settings.redis_url, client_name=f"tierpool-cli-{command}")
+        redis = connect(settings.redis_target, client_name=f"tierpool-cli-{command}")
         try:
             await redis.ping()  # unreachable Redis is exit 3, not a request timeout
             return await body(Ops(args, settings, Keys(settings.namespace), redis))

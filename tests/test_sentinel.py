@@ -1,0 +1,232 @@
+"""Redis Sentinel: the primary is killed under load and the Sentinels promote its replica.
+
+The fixture starts a primary, its replica and three Sentinels (quorum 2,
+``down-after-milliseconds`` 1 s). Worker processes, one client and pod
+agents reach Redis only through ``REDIS_SENTINELS``; nothing is restarted
+or re-pointed by hand after the kill. What a user would notice is checked
+from the client's side: when allocations succeed again, whether an
+exclusive pod was ever handed to a second call while the first still held
+it, and whether the calls the client still holds are known to Redis.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import wait_for
+from tests.invariants import violations
+from tests.procs import KEYS, NAMESPACE, WorkerPool
+from tierpool.client.client import TierpoolClient
+from tierpool.client.podagent import PodAgent
+from tierpool.core.clock import monotonic_s
+from tierpool.core.errors import RedisUnavailable, RequestTimeout
+from tierpool.core.redisconn import RedisTarget, connect
+from tierpool.core.settings import Settings
+from tierpool.core.tierconfig import parse_tier_config
+from tierpool.workers.redisfarm import MASTER_NAME, SentinelSetup
+
+pytestmark = [pytest.mark.anyio]
+
+TIER_CONFIG = {
+    "gold": {"type": "exclusive", "target": 3},
+    "basic": {"type": "shared", "target": 2, "max_concurrent": 4},
+}
+PODS = 5
+LOOPS = 6
+LONG_LOOPS = 3
+TIMEOUT_S = 1.0
+RECOVERY_LIMIT_S = 15.0
+
+
+@pytest.fixture
+def sentinel_setup() -> Iterator[SentinelSetup]:
+    with SentinelSetup(down_after_ms=1_000) as setup:
+        yield setup
+
+
+@pytest.fixture
+def target(sentinel_setup: SentinelSetup) -> RedisTarget:
+    return RedisTarget(sentinel_setup.url, sentinel_setup.sentinels.split(","), MASTER_NAME)
+
+
+@pytest.fixture
+async def sr(target: RedisTarget) -> AsyncIterator[Redis]:
+    client = connect(target)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def test_settings_read_the_sentinels(env_clean: pytest.MonkeyPatch) -> None:
+    env = {
+        "REDIS_URL": "rediss://:pw@ignored:1/2?ssl_ca_certs=/ca.pem",
+        "REDIS_SENTINELS": " s1:26379, [::1]:26380 ",
+    }
+    target = Settings.from_env(env).redis_target
+    assert target.sentinels == ("s1:26379", "[::1]:26380")
+    assert target.sentinel_master == "mymaster"
+    assert target.sentinel_addresses() == [("s1", 26379), ("::1", 26380)]
+    assert Settings.from_env({**env, "REDIS_SENTINEL_MASTER": "pool"}).redis_target == (
+        RedisTarget(env["REDIS_URL"], ("s1:26379", "[::1]:26380"), "pool")
+    )
+    for bad in ("s1", "s1:0", "s1:port", ":26379"):
+        with pytest.raises(Exception, match="REDIS_SENTINELS"):
+            Settings.from_env({"REDIS_SENTINELS": bad})
+
+
+async def test_connect_follows_the_master_the_sentinels_name(
+    sentinel_setup: SentinelSetup, sr: Redis
+) -> None:
+    """Credentials and database from the URL, host from the Sentinels; a failover is followed."""
+    await sr.set("k", "1")
+    assert (await sr.info("server"))["tcp_port"] == sentinel_setup.primary.port
+    t_kill = monotonic_s()
+    await anyio.to_thread.run_sync(lambda: sentinel_setup.primary.stop(kill=True))
+
+    async def written() -> bool:
+        try:
+            await sr.set("k2", "2")
+        except (ConnectionError, OSError, Exception):
+            return False
+        return True
+
+    await wait_for(written, timeout_s=RECOVERY_LIMIT_S, interval_s=0.1)
+    assert (await sr.info("server"))["tcp_port"] == sentinel_setup.replica.port
+    print(f"\n[sentinel] plain client writes again {monotonic_s() - t_kill:.2f}s after the kill")
+
+
+@pytest.mark.slow
+async def test_primary_killed_under_load(
+    sentinel_setup: SentinelSetup, target: RedisTarget, sr: Redis, tmp_path: Path
+) -> None:
+    ok_at: list[float] = []
+    failures = 0
+    calls = 0
+    holders: dict[str, set[str]] = {}  # exclusive pod -> calls it holds (not being released)
+    live: dict[str, str] = {}  # call -> pod, for every call allocated and not yet released
+    double_booked: list[str] = []
+    releasing: set[str] = set()
+
+    async def release(call: str) -> None:
+        nonlocal failures
+        pod = live[call]
+        releasing.add(call)
+        holders.get(pod, set()).discard(call)
+        while True:  # a release that timed out may not have happened: send it until answered
+            try:
+                await c.release(call, timeout_s=TIMEOUT_S)
+                break
+            except (RequestTimeout, RedisUnavailable):
+                failures += 1
+                await anyio.sleep(0.05)
+        del live[call]
+        releasing.discard(call)
+        agents[pod].call_ended(call)
+
+    async def load(loop: int, stop: anyio.Event) -> None:
+        nonlocal failures, calls
+        rng = random.Random(loop)
+        while not stop.is_set():
+            calls += 1
+            call = f"L{loop}-{calls}"
+            try:
+                reply = await c.allocate(call, timeout_s=TIMEOUT_S)
+            except (RequestTimeout, RedisUnavailable):
+                failures += 1
+                continue
+            if reply.status != "allocated" or reply.pod_id is None:
+                failures += 1
+                await anyio.sleep(0.02)
+                continue
+            pod = reply.pod_id
+            if reply.pool == "gold":
+                if holders.get(pod):
+                    double_booked.append(f"{pod}: {call} while {sorted(holders[pod])}")
+                holders.setdefault(pod, set()).add(call)
+            live[call] = pod
+            agents[pod].call_started(call)
+            ok_at.append(monotonic_s())
+            # short calls, and (loops past LOOPS) calls that outlive the failover
+            await anyio.sleep(8.0 if loop >= LOOPS else rng.choice((0.002, 0.005, 0.02, 0.3)))
+            await release(call)
+
+    env = {
+        "TIER_CONFIG": orjson.dumps(TIER_CONFIG).decode(),
+        "POD_TTL": "3s",
+        "TIERPOOL_HEARTBEAT": "250ms",
+        "REDIS_SENTINELS": ",".join(target.sentinels),
+        "REDIS_SENTINEL_MASTER": target.sentinel_master,
+    }
+    with WorkerPool(target.url, tmp_path, env=env) as pool:
+        workers = await pool.start(sr, 2)
+        async with (
+            TierpoolClient.from_url(target, namespace=NAMESPACE) as c,
+            anyio.create_task_group() as tg,
+        ):
+            agents = {
+                f"pod{i}": PodAgent(c, f"pod{i}", f"http://pod{i}:8080", heartbeat_s=0.25)
+                for i in range(PODS)
+            }
+            for agent in agents.values():
+                await tg.start(agent.run)
+            stop = anyio.Event()
+            for i in range(LOOPS + LONG_LOOPS):
+                tg.start_soon(load, i, stop)
+            await wait_for(lambda: _at_least(ok_at, 100), timeout_s=30)
+
+            held_at_kill = dict(live)
+            t_kill = monotonic_s()
+            await anyio.to_thread.run_sync(lambda: sentinel_setup.primary.stop(kill=True))
+            await wait_for(
+                lambda: _at_least(ok_at, 1, after=t_kill + 0.05),
+                timeout_s=RECOVERY_LIMIT_S + 5,
+                interval_s=0.05,
+            )
+            t_first = min(t for t in ok_at if t > t_kill + 0.05)
+            promoted = sentinel_setup.master_port()
+            await anyio.sleep(1.0)  # every pod has heartbeated its calls a few times
+            # calls allocated before the kill and held since: Redis must still know them
+            holding = [call for call in held_at_kill if call in live and call not in releasing]
+            known = await sr.hgetall(KEYS.calls)
+            forgotten = [call for call in holding if call not in known]
+            await wait_for(lambda: _at_least(ok_at, 100, after=t_first), timeout_s=30)
+            stop.set()
+            await wait_for(lambda: _empty(live), timeout_s=15)  # the loops release what they hold
+            for agent in agents.values():
+                tg.start_soon(agent.shutdown, 2.0)
+        assert all(w.alive() for w in workers), "a worker died instead of following the failover"
+        now_ms = int((await sr.time())[0]) * 1000
+        config = parse_tier_config(orjson.dumps(TIER_CONFIG).decode(), version=1)
+        broken = await violations(sr, KEYS, config, now_ms=now_ms, pod_ttl_ms=3_000)
+
+    recovery_s = t_first - t_kill
+    print(
+        f"\n[sentinel failover] primary killed under load; allocations resumed "
+        f"{recovery_s:.2f}s after the kill (new master port {promoted}, replica "
+        f"{sentinel_setup.replica.port}); {failures} requests failed or timed out meanwhile; "
+        f"{len(held_at_kill)} calls live at the kill, {len(holding)} still held 1s after the "
+        f"first allocation, {len(forgotten)} of them unknown to Redis; "
+        f"client reconnects {c.stats.reconnects}; "
+        f"double-booked {len(double_booked)}"
+    )
+    assert promoted == sentinel_setup.replica.port
+    assert recovery_s < RECOVERY_LIMIT_S
+    assert double_booked == [], double_booked
+    assert forgotten == [], forgotten
+    assert broken == [], broken
+
+
+async def _at_least(times: list[float], n: int, after: float = 0.0) -> bool:
+    return sum(1 for t in times if t > after) >= n
+
+
+async def _empty(d: dict[str, str]) -> bool:
+    return not d
