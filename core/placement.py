@@ -147,11 +147,13 @@ def session_url_parts(
     """The session URL around the pod id, as the anchor built ``ws_url``.
 
     ``{base}/ws/pod/{pod}/agent/voice/breeze-buddy/{provider}/callback/{template}``
-    plus ``/v2`` when flow is v2; defaults twilio, v2, order-confirmation.
+    plus ``/v2`` when flow is v2; defaults twilio, v2, and the template
+    ``template`` for Exotel (the anchor's Exotel default), ``order-confirmation``
+    for any other provider.
     """
     provider = provider or "twilio"
     flow = flow or "v2"
-    template = template or "order-confirmation"
+    template = template or ("template" if provider == "exotel" else "order-confirmation")
     suffix = f"/agent/voice/breeze-buddy/{provider}/callback/{template}"
     if flow == "v2":
         suffix += "/v2"

@@ -138,8 +138,33 @@ def decode_request(kind: RequestKind, fields: Mapping[str, str]) -> Request:
     codec = _REQUEST_CODECS.get(kind)
     if codec is None:
         raise ValueError(f"unknown request kind {kind!r}")
+    if kind == "allocate" and "reseller_id" in fields:
+        fields = _reseller_as_merchant(fields)
     msg: Request = codec.decode(fields)
     return msg
+
+
+def _reseller_as_merchant(fields: Mapping[str, str]) -> Mapping[str, str]:
+    """``reseller_id`` (the anchor's name) read as ``merchant_id`` (contract v1.1 alias).
+
+    Without it a smart-router producer's merchant would be dropped as an
+    unknown field and its policy would silently not apply. An empty one is
+    no merchant, as in the anchor; one that contradicts ``merchant_id`` is
+    a bad request rather than a guess.
+    """
+    reseller = fields["reseller_id"]
+    rest = {k: v for k, v in fields.items() if k != "reseller_id"}
+    merchant = fields.get("merchant_id")
+    if not reseller:
+        return rest
+    if merchant is not None and merchant != reseller:
+        raise InvalidMessage(
+            f"merchant_id {merchant!r} and reseller_id {reseller!r} differ "
+            "(reseller_id is an alias of merchant_id: send one)",
+            usable_request_id(fields),
+        )
+    rest["merchant_id"] = reseller
+    return rest
 
 
 def _decode_config(fields: Mapping[str, str]) -> ConfigRequest:

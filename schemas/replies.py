@@ -55,3 +55,6 @@ class Reply(Struct, frozen=True, kw_only=True):
     config_version: Version | None = None
     merchants_version: Version | None = None
     calls: CallList | None = None
+    was_draining: bool | None = None
+    """On ``released``: the pod was draining, so the freed capacity stays out of
+    service (the anchor's release reply field, v1.1)."""

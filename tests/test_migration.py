@@ -11,14 +11,20 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from tests.statekit import KEYS, Ops, RedisSource, make_state
 from tierpool.core.anchorenv import ANCHOR_VARIABLES, unused_variable_warnings
 from tierpool.core.configcache import ConfigCache
-from tierpool.core.errors import TierConfigError
+from tierpool.core.errors import InvalidMessage, TierConfigError
 from tierpool.core.keys import ANCHOR_CONFIG_KEY, Keys
+from tierpool.core.placement import session_url_parts
 from tierpool.core.settings import Settings, env_variables
+from tierpool.core.state import PoolState
 from tierpool.core.tierconfig import parse_tier_config, read_anchor_tier_config
-from tierpool.workers import http
+from tierpool.schemas import AllocateRequest, ConfigRequest
+from tierpool.schemas.messages import decode_reply, decode_request
+from tierpool.workers import http, metrics
 from tierpool.workers.context import WorkerContext
+from tierpool.workers.worker import connect_metrics
 
 pytestmark = pytest.mark.anyio
 
@@ -233,3 +239,74 @@ async def test_no_anchor_key_bootstraps_tier_config(r: Redis) -> None:
     settings = Settings(redis_url="redis://unused", namespace="m3", tier_config_raw='{"y": 2}')
     snap = await ConfigCache(r, Keys("m3"), settings).refresh()
     assert snap.config.pools == ("y",)
+
+
+# --- messages and replies ---------------------------------------------------------
+
+
+def test_reseller_id_is_an_alias_of_merchant_id() -> None:
+    """Guards issue 15: a smart-router producer's ``reseller_id`` was dropped as unknown."""
+    base = {"request_id": "a1", "call_id": "c1"}
+    msg = decode_request("allocate", {**base, "reseller_id": "acme"})
+    assert isinstance(msg, AllocateRequest) and msg.merchant_id == "acme"
+    same = decode_request("allocate", {**base, "reseller_id": "acme", "merchant_id": "acme"})
+    assert isinstance(same, AllocateRequest) and same.merchant_id == "acme"
+    empty = decode_request("allocate", {**base, "reseller_id": ""})
+    assert isinstance(empty, AllocateRequest) and empty.merchant_id is None
+    with pytest.raises(InvalidMessage, match="differ"):
+        decode_request("allocate", {**base, "reseller_id": "acme", "merchant_id": "other"})
+
+
+def test_exotel_default_template_is_kept() -> None:
+    """The anchor's Exotel URLs end in ``/callback/template``; other providers'
+    in ``/callback/order-confirmation``."""
+    prefix, suffix = session_url_parts("wss://agents.example", "exotel", None, None)
+    assert prefix + "p0" + suffix == (
+        "wss://agents.example/ws/pod/p0/agent/voice/breeze-buddy/exotel/callback/template/v2"
+    )
+    assert session_url_parts("wss://b", "twilio", "v1", None)[1] == (
+        "/agent/voice/breeze-buddy/twilio/callback/order-confirmation"
+    )
+    assert session_url_parts("wss://b", "exotel", None, "kyc")[1].endswith("/callback/kyc/v2")
+
+
+async def test_release_reply_says_was_draining(r: Redis) -> None:
+    ops = Ops(await make_state(r, {"gold": 2}))
+    await ops.register("p0")
+    await ops.register("p1")
+    first = await ops.allocate("c1")
+    second = await ops.allocate("c2")
+    drained_pod = first.fields["pod_id"]
+    assert (await ops.drain(drained_pod)).status == "drained"
+    out = await ops.release("c1")
+    assert (out.status, out.fields["was_draining"]) == ("released", "1")
+    out = await ops.release("c2")
+    assert (out.status, out.fields["was_draining"], out.fields["pod_id"]) == (
+        "released",
+        "0",
+        second.fields["pod_id"],
+    )
+    reply = decode_reply({"request_id": "x", "status": "released", "was_draining": "1"})
+    assert reply.was_draining is True
+
+
+async def test_stale_retries_are_counted(redis_url: str, r: Redis) -> None:
+    """Guards issue 15: ``tierpool_stale_retries_total`` existed but was never incremented."""
+    ctx = WorkerContext.create(
+        Settings(redis_url=redis_url, namespace="t", tier_config_raw='{"gold": 1}')
+    )
+    try:
+        connect_metrics(ctx)
+        await ctx.cache.refresh()
+        # another worker changes the config; this one has not heard of it yet
+        other = PoolState(r, KEYS, ctx.settings, RedisSource(r, KEYS))
+        await other.source.refresh()
+        applied = await other.apply(ConfigRequest(request_id="cfg", config='{"silver": 1}'))
+        assert applied.status == "applied"
+        before = metrics.REGISTRY.get_sample_value("tierpool_stale_retries_total") or 0.0
+        out = await ctx.state.apply(AllocateRequest(request_id="a", call_id="c1"))
+        assert out.status == "rejected"  # no pods, decided on the new config
+        after = metrics.REGISTRY.get_sample_value("tierpool_stale_retries_total")
+        assert after == before + 1
+    finally:
+        await ctx.redis.aclose()

@@ -5,16 +5,25 @@ process (Prometheus sums them across workers); pool gauges are copied from
 what the leader computed in Redis (``gauges.lua``), so every replica exports
 the same pool figures (the anchor's per-process gauges drifted, §12).
 
-The anchor's 11 metrics map as follows: http_request_duration_seconds /
+Every counter is exported from the start at 0 (contract v1.1) for every
+label set known then (:func:`export_from_start`, and :func:`export_pools`
+for each pool a config brings), so ``rate()`` and ``increase()`` see the
+first event instead of a series that appears already at 1.
+
+The anchor's 11 metrics map as follows (``deploy/prometheus/`` records the
+anchor's names from ours): http_request_duration_seconds /
 http_requests_total -> request_duration_seconds / requests_total (by kind and
-outcome); allocations_total and releases_total -> requests_total{kind=...};
-active_calls -> active_calls; pool_available_pods / pool_assigned_pods ->
+outcome); allocations_total{pool,status} and releases_total{pool} keep their
+pool label; active_calls -> active_calls; pool_available_pods / pool_assigned_pods ->
 pods{pool,state} and pool_target; leader_status -> leader; panics_recovered
 -> worker_errors_total; drains_total -> requests_total{kind="drain"};
 zombies_recovered -> reaped_total{what=...}.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -71,6 +80,18 @@ claimed_total = Counter(
     "tierpool_claimed_total",
     "Entries claimed from silent consumers (XAUTOCLAIM).",
     ["stream"],
+    registry=REGISTRY,
+)
+allocations_total = Counter(
+    "tierpool_allocations_total",
+    "Allocate requests answered, by pool placed on (empty unless allocated) and reply status.",
+    ["pool", "status"],
+    registry=REGISTRY,
+)
+releases_total = Counter(
+    "tierpool_releases_total",
+    "Calls released, by the pool of the pod that held them.",
+    ["pool"],
     registry=REGISTRY,
 )
 stale_retries_total = Counter(
@@ -143,3 +164,57 @@ reaped_total = Counter(
 moves_total = Counter(
     "tierpool_moves_total", "Pods assigned or moved by the leader.", ["reason"], registry=REGISTRY
 )
+
+
+# --- every counter from the start ---------------------------------------------------
+
+REPLY_STATUSES: Final[dict[str, tuple[str, ...]]] = {
+    "allocate": ("allocated", "rejected", "expired", "invalid"),
+    "release": ("released", "not_found", "expired", "invalid"),
+    "drain": ("drained", "undrained", "not_found", "expired", "invalid"),
+    "config": ("applied", "conflict", "expired", "invalid"),
+    "pods": ("registered", "alive", "unknown_pod", "deregistered", "expired", "invalid"),
+}
+"""Reply statuses each input stream's entries can end with (the Lua scripts' returns)."""
+DEAD_REASONS: Final = ("invalid", "too_many_deliveries", "internal_error")
+WORKER_LOOPS: Final = (
+    "consumer",
+    "claimer",
+    "batch",
+    "gauges",
+    "leader_reconcile",
+    "leader_reap",
+    "leader_gauges",
+    "leader_upstream",
+)
+ALLOCATION_FAILURES: Final = ("rejected", "expired", "invalid")
+"""Allocation statuses that place nothing: their ``pool`` label is empty."""
+
+
+def export_from_start() -> None:
+    """Create every counter series known before any config is read, at 0."""
+    for kind, statuses in REPLY_STATUSES.items():
+        for status in statuses:
+            requests_total.labels(kind, status)
+        for reason in DEAD_REASONS:
+            dead_letters_total.labels(kind, reason)
+        redeliveries_total.labels(kind)
+        claimed_total.labels(kind)
+    for status in ALLOCATION_FAILURES:
+        allocations_total.labels("", status)
+    for loop in WORKER_LOOPS:
+        worker_errors_total.labels(loop)
+    for change in ("gained", "lost"):
+        leader_changes_total.labels(change)
+    for what in ("lease", "pod", "drain"):
+        reaped_total.labels(what)
+    for reason in ("assign", "rebalance"):
+        moves_total.labels(reason)
+
+
+def export_pools(pools: Iterable[str]) -> None:
+    """Create the per-pool counter series of ``pools`` at 0 (kept when a pool goes:
+    a counter that vanishes would read as a reset)."""
+    for pool in pools:
+        allocations_total.labels(pool, "allocated")
+        releases_total.labels(pool)

@@ -138,6 +138,7 @@ class Processor:
         Redis errors that mean Redis is down; the batch then stays pending.
         """
         statuses = ["error"] * len(batch)
+        pools = [""] * len(batch)
         bad: list[_Bad] = []
         good: list[int] = []
         items: list[tuple[Message, Entry | None]] = []
@@ -178,6 +179,7 @@ class Processor:
             outcomes = await self._run(batch, good, items, bad)
             for i, outcome in zip(good, outcomes, strict=True):
                 statuses[i] = outcome.status
+                pools[i] = outcome.fields.get("pool", "")
                 if outcome.status == "invalid":
                     # Well-formed but inapplicable (a config that fails
                     # validation): PoolState.run already replied, dead-lettered
@@ -191,7 +193,7 @@ class Processor:
                 for d in gone:
                     pipe.xack(d.stream, GROUP, d.entry_id)
                 await pipe.execute()
-        self._observe(batch, statuses)
+        self._observe(batch, statuses, pools)
         return statuses
 
     async def _run(
@@ -281,12 +283,22 @@ class Processor:
                         extra={"request_id": b.request_id or "", "entry_id": d.entry_id},
                     )
 
-    def _observe(self, batch: Sequence[Delivery], statuses: Sequence[str]) -> None:
+    def _observe(
+        self, batch: Sequence[Delivery], statuses: Sequence[str], pools: Sequence[str]
+    ) -> None:
         now = now_ms()
         metrics.batch_size.observe(len(batch))
-        for d, status in zip(batch, statuses, strict=True):
+        for d, status, pool in zip(batch, statuses, pools, strict=True):
             kind = self.kinds.get(d.stream, d.stream)
             metrics.requests_total.labels(kind, status).inc()
+            # Per pool, as the anchor counted (its dashboards' allocation rate
+            # by pool); only answered requests, and a pool only where placed.
+            if kind == "allocate" and status in metrics.REPLY_STATUSES["allocate"]:
+                metrics.allocations_total.labels(
+                    pool if status == "allocated" else "", status
+                ).inc()
+            elif kind == "release" and status == "released":
+                metrics.releases_total.labels(pool).inc()
             metrics.request_duration.labels(kind, status).observe(
                 max(0, now - entry_ms(d.entry_id)) / 1000
             )

@@ -60,6 +60,14 @@ ROLES: Final[dict[str, Callable[[WorkerContext], Role]]] = {
 ROLE_NAMES: Final = ("config-listener", *ROLES)
 
 
+def connect_metrics(ctx: WorkerContext) -> None:
+    """Hook the process's per-pool counters to the config cache, and
+    export every counter at 0 before anything happens (contract v1.1)."""
+    ctx.cache.on_change.append(lambda snap: metrics.config_version.set(snap.version))
+    ctx.cache.on_change.append(lambda snap: metrics.export_pools(snap.config.pools))
+    metrics.export_from_start()
+
+
 class Worker:
     """Every role of one worker process, started and stopped together."""
 
@@ -122,7 +130,7 @@ class Worker:
             await tg.start(ROLES["http"](ctx))
         # The cache reports its own readiness and keeps the version gauge current.
         ctx.cache.health = ctx.health
-        ctx.cache.on_change.append(lambda snap: metrics.config_version.set(snap.version))
+        connect_metrics(ctx)
         await self._load_config()
         if "config-listener" not in self.without:
             await tg.start(ctx.cache.run)
