@@ -238,7 +238,7 @@ def _via_sentinels(target: RedisTarget, options: dict[str, Any]) -> _Redis:
     tls = url_options.pop("connection_class", None) is SSLConnection
     tls_options = {k: v for k, v in url_options.items() if k.startswith("ssl_")}
     if tls:
-        tls_options["connection_class"] = SSLConnection
+        tls_options["ssl"] = True
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         target.sentinel_addresses(),
         sentinel_kwargs={
@@ -252,8 +252,7 @@ def _via_sentinels(target: RedisTarget, options: dict[str, Any]) -> _Redis:
         target.sentinel_master,
         sentinel,
         connection_class=SentinelManagedSSLConnection if tls else SentinelManagedConnection,
-        **url_options,
-        **options,
+        **{**options, **url_options},  # the URL's own options win, as in from_url
     )
     redis = _Redis.from_pool(pool)
     assert isinstance(redis, _Redis)

@@ -19,6 +19,8 @@ import anyio
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.sentinel import SentinelManagedSSLConnection
 
 from tests.conftest import wait_for
 from tests.invariants import violations
@@ -230,3 +232,21 @@ async def _at_least(times: list[float], n: int, after: float = 0.0) -> bool:
 
 async def _empty(d: dict[str, str]) -> bool:
     return not d
+
+
+async def test_sentinel_connections_take_the_urls_credentials_and_tls() -> None:
+    """The master gets the URL's password, database and TLS; the Sentinels only its TLS."""
+    url = "rediss://:pw@ignored:1/3?ssl_ca_certs=/ca.pem&socket_timeout=7"
+    r = connect(RedisTarget(url, ("127.0.0.1:26379",)))
+    try:
+        pool = r.connection_pool
+        assert issubclass(pool.connection_class, SentinelManagedSSLConnection)
+        kw = pool.connection_kwargs
+        assert (kw["password"], kw["db"], kw["ssl_ca_certs"]) == ("pw", 3, "/ca.pem")
+        assert kw["socket_timeout"] == 7  # the URL's own options win
+        (sentinel,) = r._sentinel.sentinels  # type: ignore[attr-defined]
+        skw = sentinel.connection_pool.connection_kwargs
+        assert skw["ssl_ca_certs"] == "/ca.pem" and skw["password"] is None
+        assert issubclass(sentinel.connection_pool.connection_class, SSLConnection)
+    finally:
+        await r.aclose()
