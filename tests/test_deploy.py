@@ -289,6 +289,8 @@ def test_dashboard_covers_the_issue(dashboard: dict[str, Any]) -> None:
         "tierpool_stream_pending",
         "tierpool_leader",
         "tierpool_active_calls",
+        "tierpool_allocations_total",  # per pool (issue 15)
+        "tierpool_releases_total",
     ):
         assert metric in text, metric
     ids = [p["id"] for p in _panels(dashboard["panels"])]
