@@ -1,4 +1,4 @@
-# The tierpool image: every role is a `tierpool` subcommand (worker, pod-sim, status...).
+# The tierpool image: every role is a `tierpool` subcommand (worker, gateway, pod-sim...).
 #   docker build -t tierpool .
 #   docker run --rm -e REDIS_URL=redis://redis-host:6380/0 tierpool worker
 FROM python:3.11-slim
@@ -17,10 +17,11 @@ COPY schemas schemas
 COPY workers workers
 COPY client client
 COPY bench bench
+COPY gateway gateway
 RUN pip install . && useradd --system --no-create-home tierpool
 
 USER tierpool
-# /metrics, /healthz, /readyz of a worker (METRICS_PORT).
-EXPOSE 9090
+# /metrics, /healthz, /readyz of a worker (METRICS_PORT); the gateway's HTTP_PORT.
+EXPOSE 9090 8080
 ENTRYPOINT ["tierpool"]
 CMD ["worker"]

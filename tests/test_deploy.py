@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
+from tierpool.gateway import metrics as gateway_metrics
 from tierpool.workers import metrics
 from tierpool.workers.cli import COMMANDS, build_parser
 
@@ -143,7 +144,7 @@ def docker_argv(command: list[str]) -> list[str]:
 
 def test_compose_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "worker", "pod-sim", "prometheus", "grafana"}
+    assert set(services) == {"redis", "worker", "pod-sim", "gateway", "prometheus", "grafana"}
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[0] == "redis-server"
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
@@ -151,12 +152,17 @@ def test_compose_services(compose: dict[str, Any]) -> None:
 
     worker = services["worker"]
     assert worker["deploy"]["replicas"] == 3
-    for name in ("worker", "pod-sim"):
+    for name in ("worker", "pod-sim", "gateway"):
         svc = services[name]
         argv = docker_argv(svc["command"])
         assert argv[0] == "tierpool", argv
         _check_tierpool(argv[1:])
         assert svc["environment"]["REDIS_URL"] == f"redis://redis:{redis_port}/0"
+    assert services["gateway"]["command"] == ["gateway"]
+    gateway = services["gateway"]
+    port = gateway["environment"]["HTTP_PORT"]
+    assert gateway["ports"] == [f"{port}:{port}"]
+    assert f"{port}/api/v1/ready" in " ".join(gateway["healthcheck"]["test"])
     assert "/readyz" in " ".join(worker["healthcheck"]["test"])
     assert worker["build"] == "." and (ROOT / "Dockerfile").is_file()
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -170,11 +176,15 @@ def test_compose_services(compose: dict[str, Any]) -> None:
 
 def test_prometheus_scrapes_every_worker(compose: dict[str, Any]) -> None:
     prom = load_yaml((DEPLOY / "prometheus.yml").read_text())
-    (job,) = prom["scrape_configs"]
+    job, gateway = prom["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     (sd,) = job["dns_sd_configs"]
     assert sd["names"] == ["worker"] and "worker" in compose["services"]
     assert str(sd["port"]) == compose["services"]["worker"]["environment"]["METRICS_PORT"]
+    assert gateway["metrics_path"] == "/api/v1/metrics"
+    (gsd,) = gateway["dns_sd_configs"]
+    assert gsd["names"] == ["gateway"]
+    assert str(gsd["port"]) == compose["services"]["gateway"]["environment"]["HTTP_PORT"]
     mount = compose["services"]["prometheus"]["volumes"][0]
     assert mount.startswith("./deploy/prometheus.yml:/etc/prometheus/prometheus.yml")
 
@@ -189,9 +199,9 @@ def test_procfile_commands_exist() -> None:
         while words and (re.match(r"^[A-Z_]+=", words[0]) or words[0] == "exec"):
             words.pop(0)
         processes[name.strip()] = words
-    assert set(processes) == {"redis", "worker", "podsim"}
+    assert set(processes) == {"redis", "worker", "podsim", "gateway"}
     assert processes["redis"][0] == "redis-server"
-    for name in ("worker", "podsim"):
+    for name in ("worker", "podsim", "gateway"):
         assert processes[name][0] == "tierpool"
         _check_tierpool(processes[name][1:])
     assert "METRICS_PORT=$PORT" in (ROOT / "Procfile").read_text()
@@ -227,7 +237,8 @@ def test_dockerfile_installs_every_package() -> None:
 def exported_names() -> dict[str, set[str]]:
     """Every sample name the workers export -> the labels it carries."""
     out: dict[str, set[str]] = {}
-    for family in metrics.REGISTRY.collect():
+    families = [*metrics.REGISTRY.collect(), *gateway_metrics.REGISTRY.collect()]
+    for family in families:
         labels = set(_labelnames(family.name))
         suffixes = {
             "counter": ("_total", "_created"),
@@ -240,7 +251,7 @@ def exported_names() -> dict[str, set[str]]:
 
 
 def _labelnames(family: str) -> tuple[str, ...]:
-    for value in vars(metrics).values():
+    for value in [*vars(metrics).values(), *vars(gateway_metrics).values()]:
         if getattr(value, "_name", None) == family:
             names: tuple[str, ...] = value._labelnames
             return names
@@ -291,6 +302,8 @@ def test_dashboard_covers_the_issue(dashboard: dict[str, Any]) -> None:
         "tierpool_active_calls",
         "tierpool_allocations_total",  # per pool (issue 15)
         "tierpool_releases_total",
+        "tierpool_http_requests_total",
+        "tierpool_http_request_duration_seconds_bucket",
     ):
         assert metric in text, metric
     ids = [p["id"] for p in _panels(dashboard["panels"])]

@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tierpool.workers.worker",
         "run one worker process (consumer, claimer, leader candidate)",
     ),
+    "gateway": (
+        "tierpool.gateway.server",
+        "serve the anchor's HTTP API (JSON and Twilio/Plivo/Exotel webhooks) on HTTP_PORT",
+    ),
     "run": ("tierpool.workers.embedded", "run a private Redis, workers, simulated pods and load"),
     "bench": ("tierpool.bench.run", "measure throughput, latency, propagation, failover"),
     "status": (
