@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import orjson
 import pytest
 from redis.asyncio import Redis
 
+from tests.conftest import wait_for
+from tests.procs import WorkerPool, reply, send
 from tests.statekit import KEYS, Ops, RedisSource, make_state
+from tests.test_deploy import load_yaml
+from tests.test_metrics import Samples, scrape, value
+from tests.test_prometheus_rules import RULES, run_promtool
 from tierpool.core.anchorenv import ANCHOR_VARIABLES, unused_variable_warnings
 from tierpool.core.configcache import ConfigCache
 from tierpool.core.errors import InvalidMessage, TierConfigError
@@ -310,3 +318,193 @@ async def test_stale_retries_are_counted(redis_url: str, r: Redis) -> None:
         assert after == before + 1
     finally:
         await ctx.redis.aclose()
+
+
+# --- the whole switch: a real worker on the anchor's production environment --------------
+
+ANCHOR_STORED_CONFIG = (
+    '{"tiers":{"gold":{"type":"exclusive","target":1},'
+    '"standard":{"type":"exclusive","target":1,"max_concurrent":2},'
+    '"basic":{"type":"shared","target":1,"max_concurrent":3},'
+    '"vip":{"type":"exclusive","target":1}},'
+    '"default_chain":["gold","standard","basic"]}'
+)
+"""Anchor format, as an operator changed it at runtime (seed 003), with a merchant
+tier (vip: exclusive, outside the chain) and one thing tierpool reads differently."""
+
+
+def _sample_series(samples: Samples, names: set[str]) -> list[dict[str, str]]:
+    """promtool input series for every scraped sample of ``names``, as one worker
+    scraped by Prometheus (``job``, ``instance``) with the same value twice."""
+    out = []
+    for (name, labels), got in sorted(samples.items(), key=lambda kv: (kv[0][0], sorted(kv[0][1]))):
+        if name not in names:
+            continue
+        ls = {**dict(labels), "job": "tierpool", "instance": "w0"}
+        body = ",".join(f'{k}="{v}"' for k, v in sorted(ls.items()))
+        out.append({"series": f"{name}{{{body}}}", "values": f"{got:g} {got:g}"})
+    return out
+
+
+def _expect(name: str, rows: list[tuple[dict[str, str], float]]) -> dict[str, object]:
+    samples = []
+    for labels, expected in rows:
+        body = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        samples.append({"labels": f"{name}{{{body}}}", "value": expected})
+    return {"expr": name, "eval_time": "1m", "exp_samples": samples}
+
+
+async def test_worker_starts_on_the_anchor_production_environment(
+    redis_url: str, r: Redis, tmp_path: Path
+) -> None:
+    """Issue 15, done when: a worker with smart-router's production configmap values
+    and its config in ``voice:tier:config`` serves, warns once per variable it does not
+    use, and the recording rules turn its metrics into the anchor's after traffic."""
+    await r.set(ANCHOR_CONFIG_KEY, ANCHOR_STORED_CONFIG)
+    env = {k: v for k, v in ANCHOR_PRODUCTION_ENV.items() if k not in ("REDIS_URL", "METRICS_PORT")}
+    env["POD_TTL"] = "5m"  # tierpool's own: no heartbeats needed while the test runs
+    with WorkerPool(redis_url, tmp_path, namespace="t", env=env) as pool:
+        (worker,) = await pool.start(r)
+        assert worker.worker_id is not None
+        assert worker.worker_id.startswith(ANCHOR_PRODUCTION_ENV["POD_NAME"] + "-")
+        port = worker.metrics_port
+
+        # Probes at the anchor's paths.
+        assert (await http.get("127.0.0.1", port, "/health"))[0] == 200
+        assert (await http.get("127.0.0.1", port, "/ready"))[0] == 200
+
+        # The anchor's stored config was adopted (TIER_CONFIG has no vip).
+        stored = parse_tier_config(await r.get(KEYS.config) or "", strict=False)
+        assert stored.pools == ("gold", "standard", "basic", "vip")
+        assert stored.tier("standard").max_concurrent == 1
+
+        # Four pods; the leader fills each pool to its target.
+        pods: dict[str, str] = {}
+        for i in range(4):
+            await send(r, KEYS.pods_stream, {
+                "event": "register", "request_id": f"reg{i}", "pod_id": f"pod{i}",
+                "endpoint": f"http://10.0.0.{i}:8080",
+            })  # fmt: skip
+        for i in range(4):
+            got = await reply(r, f"reg{i}")
+            pods[f"pod{i}"] = got.get("pool", "")
+
+        async def pools_filled() -> bool:
+            assigned = await r.hgetall(KEYS.pod_pool)
+            return sorted(assigned.values()) == ["basic", "gold", "standard", "vip"]
+
+        await wait_for(pools_filled, timeout_s=30)
+        by_pool = {v: k for k, v in (await r.hgetall(KEYS.pod_pool)).items()}
+        cfg = await send(r, KEYS.request_stream("config"), {
+            "request_id": "m1", "merchant_id": "acme", "merchant": '{"pool": "vip"}',
+        })  # fmt: skip
+        assert cfg and (await reply(r, "m1"))["status"] == "applied"
+
+        async def allocate(rid: str, **extra: str) -> dict[str, str]:
+            await send(r, KEYS.request_stream("allocate"), {
+                "request_id": rid, "call_id": f"call-{rid}", **extra,
+            })  # fmt: skip
+            return await reply(r, rid)
+
+        got = {
+            "a1": await allocate("a1"),
+            "a2": await allocate("a2", provider="exotel"),
+            "a3": await allocate("a3"),
+            "a4": await allocate("a4", reseller_id="acme"),
+            "a5": await allocate("a5"),
+            "a6": await allocate("a6"),
+            "a7": await allocate("a7"),
+        }
+        placed = {rid: g.get("pool") for rid, g in got.items()}
+        assert placed == {
+            "a1": "gold", "a2": "standard", "a3": "basic", "a4": "vip",
+            "a5": "basic", "a6": "basic", "a7": None,
+        }  # fmt: skip
+        assert got["a7"]["status"] == "rejected"
+        assert got["a4"]["pod_id"] == by_pool["vip"]  # reseller_id reached acme's policy
+        assert got["a2"]["session_url"] == (
+            f"wss://clairvoyance.breezelabs.app/ws/pod/{by_pool['standard']}"
+            "/agent/voice/breeze-buddy/exotel/callback/template/v2"
+        )
+
+        await send(
+            r, KEYS.request_stream("drain"), {"request_id": "d1", "pod_id": by_pool["standard"]}
+        )
+        assert (await reply(r, "d1"))["status"] == "drained"
+        released = {}
+        for rid, call in (("r1", "call-a1"), ("r2", "call-a2"), ("r3", "call-a4")):
+            await send(r, KEYS.request_stream("release"), {"request_id": rid, "call_id": call})
+            released[rid] = await reply(r, rid)
+        assert [released[k]["was_draining"] for k in ("r1", "r2", "r3")] == ["0", "1", "0"]
+
+        # The leader's pool gauges catch up with the traffic.
+        async def settled() -> bool:
+            s = await scrape(port)
+            return (
+                s.get(("tierpool_active_calls", frozenset()), -1) == 3
+                and s.get(
+                    ("tierpool_pods", frozenset({("pool", "standard"), ("state", "draining")}))
+                )
+                == 1
+            )
+
+        await wait_for(settled, timeout_s=30)
+        samples = await scrape(port)
+        log = worker.log_text()
+
+    # One warning per anchor variable the worker does not use, and per config difference.
+    for name in (
+        "REDIS_POOL_SIZE", "REDIS_MIN_IDLE_CONN", "HTTP_PORT", "HTTP_READ_TIMEOUT",
+        "HTTP_WRITE_TIMEOUT", "HTTP_IDLE_TIMEOUT", "HTTP_SHUTDOWN_TIMEOUT", "NAMESPACE",
+        "POD_LABEL_SELECTOR", "CALL_INFO_TTL", "LEADER_ELECTION_ENABLED",
+        "LEADER_ELECTION_NAMESPACE", "LEADER_ELECTION_LOCK_NAME", "LEADER_ELECTION_DURATION",
+        "LEADER_ELECTION_RENEW_DEADLINE", "LEADER_ELECTION_RETRY_PERIOD",
+    ):  # fmt: skip
+        assert log.count(f"smart-router variable {name} ") == 1, name
+    assert log.count("smart-router variable ") == 16
+    assert log.count("max_concurrent 2 read as 1") == 1
+    assert "bootstrapped from smart-router's voice:tier:config" in log
+
+    # Every counter was there from the start, and the per-pool ones count.
+    assert ("tierpool_stale_retries_total", frozenset()) in samples
+    assert ("tierpool_releases_total", frozenset({("pool", "basic")})) in samples
+    assert value(samples, "tierpool_allocations_total", pool="basic", status="allocated") == 3
+
+    # The recording rules, run by promtool on what the worker exported.
+    rules = load_yaml(RULES.read_text())["groups"][0]["rules"]
+    inputs = {n for rule in rules for n in re.findall(r"\btierpool_[a-z0-9_]+", rule["expr"])}
+    w0 = {"job": "tierpool", "instance": "w0"}
+    job = {"job": "tierpool"}
+    tests = [
+        _expect("smart_router_allocations_total", [
+            ({**w0, "pool": "pool:gold", "status": "success"}, 1),
+            ({**w0, "pool": "pool:standard", "status": "success"}, 1),
+            ({**w0, "pool": "pool:basic", "status": "success"}, 3),
+            ({**w0, "pool": "pool:vip", "status": "success"}, 1),
+            ({**w0, "pool": "", "status": "no_pods"}, 1),
+        ]),
+        _expect("smart_router_releases_total", [
+            ({**w0, "pool": f"pool:{p}", "status": "success"}, n)
+            for p, n in (("gold", 1), ("standard", 1), ("basic", 0), ("vip", 1))
+        ]),
+        _expect("smart_router_active_calls", [(job, 3)]),
+        _expect("smart_router_pool_available_pods", [
+            ({**job, "tier": t}, n)
+            for t, n in (("gold", 1), ("standard", 0), ("basic", 0), ("vip", 1))
+        ]),
+        _expect("smart_router_pool_assigned_pods", [
+            ({**job, "tier": t}, 1) for t in ("gold", "standard", "basic", "vip")
+        ]),
+        _expect("smart_router_leader_status", [(w0, 1)]),
+        _expect("smart_router_drains_total", [(w0, 1)]),
+        _expect("smart_router_panics_recovered_total", [(w0, 0)]),
+        _expect("smart_router_zombies_recovered_total", [(w0, 0)]),
+    ]  # fmt: skip
+    doc = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": _sample_series(samples, inputs),
+                   "promql_expr_test": tests}],
+    }  # fmt: skip
+    (tmp_path / "scraped.test.yml").write_text(json.dumps(doc, indent=1))
+    run_promtool("test", "rules", "scraped.test.yml", cwd=tmp_path)
