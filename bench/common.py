@@ -176,6 +176,6 @@ class Quantiles:
 
 
 def _dumps(value: Mapping[str, Any]) -> str:
-    import orjson
+    import msgspec
 
-    return orjson.dumps(dict(value)).decode()
+    return msgspec.json.encode(dict(value)).decode()

@@ -26,7 +26,6 @@ cores, and these figures say where the time goes whatever the load around.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import redis as syncredis
 
 from tierpool.bench import e2e, raw, scenarios
@@ -486,7 +486,9 @@ def main(args: argparse.Namespace) -> int:
 
     print(render_table(run.results, TARGETS))
     if args.json:
-        text = json.dumps(_finite(run.results), indent=2, sort_keys=True)
+        text = msgspec.json.format(
+            msgspec.json.encode(_finite(run.results), order="sorted"), indent=2
+        ).decode()
         if args.json == "-":
             print(text)
         else:

@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 import anyio
-import orjson
+import msgspec
 from redis.asyncio import Redis
 
 from tierpool.bench.cluster import BenchError, Cluster, WorkerProcess
@@ -74,10 +74,10 @@ def _installed_at(w: WorkerProcess, version: int) -> float | None:
     for line in text.splitlines():
         if needle in line and line.startswith("{"):
             try:
-                doc = orjson.loads(line)
+                doc = msgspec.json.decode(line)
                 ts = str(doc["ts"]).replace("Z", "+00:00")
                 return datetime.fromisoformat(ts).timestamp()
-            except (orjson.JSONDecodeError, KeyError, ValueError):
+            except (msgspec.DecodeError, KeyError, ValueError):
                 return None
     return None
 
@@ -89,7 +89,7 @@ async def propagation(cluster: Cluster, mix: str, pods: int, changes: int) -> Pr
     first_pool = next(iter(base["tiers"]))
     async with TierpoolClient.from_url(cluster.url, namespace=cluster.namespace) as client:
         for n in range(changes):
-            cfg = orjson.loads(orjson.dumps(base))
+            cfg = msgspec.json.decode(msgspec.json.encode(base))
             cfg["tiers"][first_pool]["target"] += 1 + n % 2  # a real change every time
             reply = await client.change_config(cfg, timeout_s=10)
             t_applied = time.perf_counter()

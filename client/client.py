@@ -17,7 +17,6 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import msgspec
-import orjson
 from redis.asyncio import Redis
 
 from tierpool.client.mux import Mux, MuxStats
@@ -271,7 +270,7 @@ class TierpoolClient:
         """Replace the tier config (text or a mapping, any of the three formats):
         ``applied`` with the new ``config_version``, ``conflict`` when
         ``expected_version`` is not the current one, ``invalid`` with ``error``."""
-        text = config if isinstance(config, str) else orjson.dumps(dict(config)).decode()
+        text = config if isinstance(config, str) else msgspec.json.encode(dict(config)).decode()
         msg = ConfigRequest(
             request_id=request_id or new_request_id(),
             deadline_ms=deadline_ms,

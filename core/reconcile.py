@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import orjson
+import msgspec
 from redis.asyncio import Redis
 
 from tierpool.core.clock import redis_time_ms
@@ -314,5 +314,5 @@ async def publish_gauges(state: PoolState, token: str, now_ms: int | None = None
     if status == "fenced":
         return GaugesResult("fenced")
     if status == "ok":
-        return GaugesResult("ok", orjson.loads(answer[1]))
+        return GaugesResult("ok", msgspec.json.decode(answer[1]))
     return GaugesResult("stale")

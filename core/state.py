@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import orjson
+import msgspec
 from redis.asyncio import Redis
 
 from tierpool.core import placement
@@ -159,7 +159,7 @@ class PoolState:
             prefix, suffix = placement.session_url_parts(
                 self.settings.voice_agent_base_url, msg.provider, msg.flow, msg.template
             )
-            reasons = orjson.dumps([r.as_dict() for r in plan.excluded]).decode()
+            reasons = msgspec.json.encode([r.as_dict() for r in plan.excluded]).decode()
             return self._call(
                 "allocate",
                 snap,
@@ -192,7 +192,7 @@ class PoolState:
                     msg.endpoint,
                     msg.zone,
                     str(msg.capability),
-                    orjson.dumps(dict(msg.labels)).decode(),
+                    msgspec.json.encode(dict(msg.labels)).decode(),
                     fallback,
                     str(len(cands)),
                     *flat,
@@ -222,7 +222,7 @@ class PoolState:
                 problems = merchant_policy_problems(msg.merchant_id, msg.merchant, snap)
                 if problems:
                     return Outcome("invalid", {"error": "; ".join(problems)})
-                policy_json = orjson.dumps(
+                policy_json = msgspec.json.encode(
                     {
                         k: v
                         for k, v in (
@@ -350,7 +350,7 @@ class PoolState:
         with (a policy naming an unknown pool); the script answers ``stale``
         instead of rejecting when Redis holds a newer config or policy set.
         """
-        payload = orjson.dumps(fields).decode()
+        payload = msgspec.json.encode(fields).decode()
         config_reply = entry is not None and entry.stream == self.keys.request_stream("config")
         return self.calls.call(
             "reject",

@@ -368,7 +368,7 @@ def to_json(cfg: TierConfig) -> str:
     Equal configs give equal strings, so the text in ``tp:{NS}:config`` can be
     compared or hashed directly; ``parse_tier_config(to_json(c)) == c``.
     """
-    return json.dumps(to_wire_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return msgspec.json.encode(to_wire_dict(cfg), order="sorted").decode()
 
 
 # --- internals -------------------------------------------------------------
@@ -519,7 +519,12 @@ def _version_problems(version: object) -> list[str]:
 
 
 def _load_json(text: str) -> tuple[object, list[str]]:
-    """Decode JSON, reporting repeated keys (``json`` would keep the last one silently)."""
+    """Decode JSON, reporting repeated keys.
+
+    The one use of the standard library's ``json``: msgspec, the project's JSON
+    library, keeps the last of a repeated key silently and has no hook to see
+    it, and an operator's config with a pool written twice must be refused.
+    """
     duplicates: list[str] = []
 
     def pairs(items: list[tuple[str, object]]) -> dict[str, object]:

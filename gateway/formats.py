@@ -15,7 +15,6 @@ from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl
 
 import msgspec
-import orjson
 
 from tierpool.core.placement import session_url_parts
 
@@ -34,10 +33,10 @@ def go_json(doc: Mapping[str, Any]) -> bytes:
     """``doc`` as Go's ``json.Encoder`` wrote it: HTML-safe escapes and a trailing newline.
 
     Keys keep the order given: the caller orders them as the anchor did
-    (sorted for a Go map, declaration order for a struct). orjson never
+    (sorted for a Go map, declaration order for a struct). msgspec never
     writes ``<``, ``>`` or ``&`` outside a string, so replacing the bytes is safe.
     """
-    out = orjson.dumps(doc)
+    out = msgspec.json.encode(doc)
     for raw, escaped in _GO_JSON_ESCAPES:
         if raw in out:
             out = out.replace(raw, escaped)

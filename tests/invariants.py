@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
+import msgspec
 from redis.asyncio import Redis
 
 from tierpool.core.keys import Keys
@@ -43,7 +43,7 @@ async def read_state(r: Redis, keys: Keys, config: TierConfig) -> dict[str, Any]
         "zones": zones,
         "loads": {p: int(v) for p, v in loads.items()},
         "pod_calls": {p: v.split() for p, v in pcalls.items()},
-        "calls": {c: orjson.loads(v) for c, v in calls.items()},
+        "calls": {c: msgspec.json.decode(v) for c, v in calls.items()},
         "counts": {p: int(v) for p, v in counts.items()},
         "seen": dict(seen),
         "draining": set(draining),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
+import msgspec
 from redis.asyncio import Redis
 
 from tierpool.core.keys import Keys
@@ -45,7 +45,7 @@ class RedisSource:
 
 
 async def write_config(r: Redis, config: str | Mapping[str, Any], version: int = 1) -> None:
-    raw = config if isinstance(config, str) else orjson.dumps(config).decode()
+    raw = config if isinstance(config, str) else msgspec.json.encode(config).decode()
     cfg = parse_tier_config(raw, version=version)
     await r.mset({KEYS.config: to_json(cfg), KEYS.config_version: str(version)})
 

@@ -9,7 +9,7 @@ are covered elsewhere (leader, pod agent) or do not apply; see the README.
 from __future__ import annotations
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -175,7 +175,7 @@ async def test_d16_calls_of_a_removed_pod_are_reported_not_silently_purged(r: Re
     await ops.register("a")
     await ops.allocate("c1")
     out = await ops.deregister("a")
-    assert orjson.loads(out.fields["calls"]) == ["c1"]
+    assert msgspec.json.decode(out.fields["calls"]) == ["c1"]
     events = [e for _, e in await r.xrange(KEYS.events)]
     assert any(e["event"] == "call_lost" and e["call_id"] == "c1" for e in events)
 

@@ -6,10 +6,10 @@ every part ran and reported something.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
+import msgspec
 import pytest
 
 from tests.conftest import ROOT
@@ -62,7 +62,7 @@ def test_bench_prints_a_table_and_json() -> None:
         "Failover",
     ):
         assert row in table, f"no {row!r} row in:\n{table}"
-    results = json.loads(brace.strip() + rest)
+    results = msgspec.json.decode(brace.strip() + rest)
     assert set(results) >= {"meta", "raw", "e2e", "latency", "propagation", "memory", "failover"}
     assert results["raw"]["ceiling"] > 0
     assert results["e2e"]["max"] > 0

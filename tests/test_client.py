@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
@@ -412,7 +412,7 @@ async def test_measure_round_trip_latency_against_one_worker(
     request outstanding the reader is always blocked when a new one starts; a
     short block then does not help, as Redis ends a blocking read only at its
     next event-loop tick (hz 10: up to 100 ms) when nothing else wakes it."""
-    cfg = orjson.dumps({"basic": {"type": "shared", "target": 1, "max_concurrent": 5}})
+    cfg = msgspec.json.encode({"basic": {"type": "shared", "target": 1, "max_concurrent": 5}})
     with WorkerPool(
         redis_url, tmp_path, env={"TIER_CONFIG": cfg.decode(), "LOG_LEVEL": "warning"}
     ) as pool:

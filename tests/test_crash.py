@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -52,7 +52,7 @@ KILLS = 10
 MAX_CALLS = 40_000  # a safety bound: the chaos task ends the load
 REQUEST_TIMEOUT_S = 0.5
 """Below the claim idle time (600 ms): requests caught by a kill time out ("maybe")."""
-ENV = {"TIER_CONFIG": orjson.dumps(TIER_CONFIG).decode(), "REPLY_TTL": "10m"}
+ENV = {"TIER_CONFIG": msgspec.json.encode(TIER_CONFIG).decode(), "REPLY_TTL": "10m"}
 
 
 @dataclass
@@ -164,7 +164,7 @@ async def test_kill_9_workers_under_load_keeps_exactly_once(
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"\n[crash] seed {seed}")
-    config = parse_tier_config(orjson.dumps(TIER_CONFIG).decode(), version=1)
+    config = parse_tier_config(msgspec.json.encode(TIER_CONFIG).decode(), version=1)
     h = History()
     with WorkerPool(redis_url, tmp_path, env=ENV) as pool:
         await pool.start(r, 3)

@@ -10,12 +10,12 @@ reads; anything outside it fails here, on purpose.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import tomllib
 from typing import Any
 
+import msgspec
 import pytest
 
 from tests.conftest import ROOT
@@ -92,7 +92,7 @@ def _is_key(text: str) -> bool:
 
 def _scalar(text: str) -> Any:
     if text[0] in '[{"':
-        return json.loads(text)
+        return msgspec.json.decode(text)
     if " #" in text:
         raise ValueError(f"inline comment: {text!r}")
     if re.fullmatch(r"-?\d+", text):
@@ -139,7 +139,7 @@ def docker_argv(command: list[str]) -> list[str]:
     """
     text = (ROOT / "Dockerfile").read_text()
     (entry,) = re.findall(r"^ENTRYPOINT\s+(\[.*\])\s*$", text, re.MULTILINE)
-    return [*json.loads(entry), *command]
+    return [*msgspec.json.decode(entry), *command]
 
 
 def test_compose_services(compose: dict[str, Any]) -> None:
@@ -268,7 +268,7 @@ def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
+    doc: dict[str, Any] = msgspec.json.decode((DEPLOY / "grafana" / "dashboard.json").read_text())
     return doc
 
 
@@ -290,7 +290,7 @@ def test_every_dashboard_query_names_exported_metrics(dashboard: dict[str, Any])
 
 
 def test_dashboard_covers_the_issue(dashboard: dict[str, Any]) -> None:
-    text = json.dumps(dashboard)
+    text = msgspec.json.encode(dashboard).decode()
     for metric in (
         "tierpool_pods",
         "tierpool_free_capacity",

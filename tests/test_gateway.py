@@ -15,7 +15,7 @@ from pathlib import Path
 
 import anyio
 import httpx
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -49,7 +49,7 @@ def plivo_failure(message: str) -> bytes:
 def json_of(resp: httpx.Response) -> object:
     assert resp.headers["content-type"] == "application/json"
     assert resp.content.endswith(b"\n"), "Go's json.Encoder ends with a newline"
-    return orjson.loads(resp.content)
+    return msgspec.json.decode(resp.content)
 
 
 async def test_json_allocate_release_drain_lookup_and_status(
@@ -101,7 +101,7 @@ async def test_json_allocate_release_drain_lookup_and_status(
             "has_active_lease",
             "lease_call_sid",
         ]
-        assert orjson.loads(lookup.content) == {
+        assert msgspec.json.decode(lookup.content) == {
             "pod_name": pod,
             "tier": "gold",
             "is_draining": False,
@@ -139,7 +139,7 @@ async def test_json_allocate_release_drain_lookup_and_status(
             "message": f"Pod {pod} is draining with active call in progress. "
             "Will complete when call ends.",
         }
-        assert orjson.loads((await http.get(f"/api/v1/pod/{pod}")).content)["is_draining"]
+        assert msgspec.json.decode((await http.get(f"/api/v1/pod/{pod}")).content)["is_draining"]
 
         rel = await http.post("/api/v1/release", json={"call_sid": "c1"})
         assert rel.status_code == 200
@@ -153,7 +153,7 @@ async def test_json_allocate_release_drain_lookup_and_status(
             "was_draining": True,
         }
         idle = await http.get(f"/api/v1/pod/{pod}")
-        assert "lease_call_sid" not in orjson.loads(idle.content)  # omitted when empty
+        assert "lease_call_sid" not in msgspec.json.decode(idle.content)  # omitted when empty
 
         gone = await http.post("/api/v1/release", json={"call_sid": "c1"})
         assert (gone.status_code, json_of(gone)) == (404, {"error": "call not found"})
@@ -378,7 +378,7 @@ async def test_no_reply_in_time_is_a_503_with_retry_after_and_the_retry_is_serve
             resp = await http.post(path, **kw)  # type: ignore[arg-type]
             assert resp.status_code == 503, path
             assert resp.headers["retry-after"] == "1"
-            assert "error" in orjson.loads(resp.content)
+            assert "error" in msgspec.json.decode(resp.content)
         await pool.start(r, 1)
         await register(r, "p1")
         retry = await http.post("/api/v1/allocate", json={"call_sid": "slow"})
@@ -389,7 +389,7 @@ async def test_no_reply_in_time_is_a_503_with_retry_after_and_the_retry_is_serve
 
 async def test_merchant_pool_and_reseller_id(r: Redis, pool: WorkerPool, redis_url: str) -> None:
     """reseller_id is the contract's merchant_id; a merchant's pool shows as merchant:<pool>."""
-    config = orjson.dumps(
+    config = msgspec.json.encode(
         {
             "tiers": {
                 "gold": {"type": "exclusive", "target": 1},
@@ -415,7 +415,7 @@ async def test_merchant_pool_and_reseller_id(r: Redis, pool: WorkerPool, redis_u
         assert isinstance(doc, dict)
         assert doc["source_pool"] == "merchant:acme"
         assert (
-            orjson.loads((await http.get(f"/api/v1/pod/{doc['pod_name']}")).content)["tier"]
+            msgspec.json.decode((await http.get(f"/api/v1/pod/{doc['pod_name']}")).content)["tier"]
             == "acme"
         )
         tw = await http.post("/api/v1/twilio/allocate?reseller_id=acme", data={"CallSid": "m2"})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -305,7 +305,7 @@ async def _hexists(r: Redis, key: str, name: str) -> bool:
 
 async def _gold_pods(r: Redis, n: int) -> bool:
     raw = await r.hget(KEYS.gauges, "json")
-    return raw is not None and orjson.loads(raw)["pools"].get("gold", {}).get("pods") == n
+    return raw is not None and msgspec.json.decode(raw)["pools"].get("gold", {}).get("pods") == n
 
 
 # --- faults ---------------------------------------------------------------------------

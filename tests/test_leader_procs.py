@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -188,7 +188,7 @@ async def _gauges_show(r: Redis, pods: int) -> bool:
     raw = await r.hget(KEYS.gauges, "json")
     if raw is None:
         return False
-    doc = orjson.loads(raw)
+    doc = msgspec.json.decode(raw)
     return sum(p["pods"] for p in (doc.get("pools") or {}).values()) == pods
 
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -87,20 +87,20 @@ async def test_endpoints(ctx: WorkerContext) -> None:
     async with anyio.create_task_group() as tg:
         port = await tg.start(lambda task_status: http.serve(ctx, port=0, task_status=task_status))
         status, body = await http.get("127.0.0.1", port, "/healthz")
-        assert status == 200 and orjson.loads(body)["status"] == "ok"
+        assert status == 200 and msgspec.json.decode(body)["status"] == "ok"
 
         status, body = await http.get("127.0.0.1", port, "/readyz")
-        doc = orjson.loads(body)
+        doc = msgspec.json.decode(body)
         assert status == 503
         assert doc["redis"] is True
         assert doc["missing"] == ["config_loaded", "group_joined"]
 
         ctx.health.config_loaded = True
         status, body = await http.get("127.0.0.1", port, "/readyz")
-        assert status == 503 and orjson.loads(body)["missing"] == ["group_joined"]
+        assert status == 503 and msgspec.json.decode(body)["missing"] == ["group_joined"]
         ctx.health.group_joined = True
         status, body = await http.get("127.0.0.1", port, "/readyz?verbose=1")
-        assert status == 200 and orjson.loads(body)["status"] == "ready"
+        assert status == 200 and msgspec.json.decode(body)["status"] == "ready"
 
         metrics.requests_total.labels("allocate", "allocated").inc(0)
         raw = await _raw(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -141,7 +141,7 @@ async def test_readyz_follows_redis_in_process() -> None:
             await anyio.to_thread.run_sync(server.stop)
             await wait_for(lambda: status_is(503))
             _, body = await http.get("127.0.0.1", port, "/readyz", timeout_s=5)
-            assert orjson.loads(body)["missing"] == ["redis"]
+            assert msgspec.json.decode(body)["missing"] == ["redis"]
             assert (await http.get("127.0.0.1", port, "/healthz"))[0] == 200
             await anyio.to_thread.run_sync(server.start)
             await wait_for(lambda: status_is(200))

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -93,12 +93,15 @@ async def test_anchor_probe_paths_are_aliases(ctx: WorkerContext) -> None:
     async with anyio.create_task_group() as tg:
         port = await tg.start(lambda task_status: http.serve(ctx, port=0, task_status=task_status))
         status, body = await http.get("127.0.0.1", port, "/health")
-        assert status == 200 and orjson.loads(body)["status"] == "ok"
+        assert status == 200 and msgspec.json.decode(body)["status"] == "ok"
         status, body = await http.get("127.0.0.1", port, "/ready")
-        assert status == 503 and orjson.loads(body)["missing"] == ["config_loaded", "group_joined"]
+        assert status == 503 and msgspec.json.decode(body)["missing"] == [
+            "config_loaded",
+            "group_joined",
+        ]
         ctx.health.config_loaded = ctx.health.group_joined = True
         status, body = await http.get("127.0.0.1", port, "/ready")
-        assert status == 200 and orjson.loads(body)["status"] == "ready"
+        assert status == 200 and msgspec.json.decode(body)["status"] == "ready"
         assert (await http.get("127.0.0.1", port, "/readyz"))[0] == 200
         tg.cancel_scope.cancel()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -52,7 +52,7 @@ class Live:
     async def tp_json(self, *argv: str, expect: int = 0) -> Any:
         code, out, err = await self.tp(*argv, "--json")
         assert code == expect, err
-        return orjson.loads(out)
+        return msgspec.json.decode(out)
 
 
 @pytest.fixture
@@ -263,13 +263,13 @@ async def test_cli_options_issue_14_10(live: Live) -> None:
     )
     out, err = live.capsys.readouterr()
     assert code == 0, err
-    assert orjson.loads(out)["namespace"] == NS
+    assert msgspec.json.decode(out)["namespace"] == NS
     code = await anyio.to_thread.run_sync(
         cli_main, ["-n", NS, f"--redis-url={live.url}", "pods", "--json"]
     )
     out, err = live.capsys.readouterr()
     assert code == 0, err
-    assert {p["pod_id"] for p in orjson.loads(out)} == set(PODS)
+    assert {p["pod_id"] for p in msgspec.json.decode(out)} == set(PODS)
 
     for bad in ("0", "-1", "nan"):
         code, _, err = await live.tp("allocate", "c9", "--timeout", bad)
@@ -282,7 +282,7 @@ async def test_cli_options_issue_14_10(live: Live) -> None:
     )
     out, err = live.capsys.readouterr()
     assert code == 4
-    doc = orjson.loads(out)
+    doc = msgspec.json.decode(out)
     assert doc["status"] == "timeout" and doc["request_id"]
     assert "may still be applied" in doc["note"] and "may still be applied" in err
 
@@ -308,7 +308,7 @@ async def test_config_set_refuses_empty_and_warns_on_dropped_policy_pool(
     code, _, err = await live.tp("merchant", "set", "m1", "--pool", "gold", "--fallback", "")
     assert code == 0, err
     path = tmp_path / "nogold.json"
-    path.write_text(orjson.dumps({"tiers": {"standard": {"type": "exclusive"}}}).decode())
+    path.write_text(msgspec.json.encode({"tiers": {"standard": {"type": "exclusive"}}}).decode())
     _code, _out, err = await live.tp("config", "set", str(path))
     assert "warning: merchant 'm1'" in err and "gold" in err, err
 
@@ -336,4 +336,4 @@ def test_entry_point_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "c.json"
     good.write_text('{"gold": 1}')
     done = tierpool("config", "validate", str(good), "--json")
-    assert done.returncode == 0 and orjson.loads(done.stdout)["valid"] is True
+    assert done.returncode == 0 and msgspec.json.decode(done.stdout)["valid"] is True

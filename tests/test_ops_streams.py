@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -55,18 +55,18 @@ async def test_events_lists_and_filters(
     assert (await client.release("call-e")).status == "released"
     code, out, _ = await tp(capsys, redis_url, "events", "--json")
     assert code == 0
-    events = orjson.loads(out)
+    events = msgspec.json.decode(out)
     kinds = [e["event"] for e in events]
     assert kinds.index("allocated") < kinds.index("released")  # oldest first
     assert all("id" in e and "at_ms" in e for e in events)
 
     code, out, _ = await tp(capsys, redis_url, "events", "--json", "--call", "call-e")
-    assert [e["event"] for e in orjson.loads(out)] == ["allocated", "released"]
+    assert [e["event"] for e in msgspec.json.decode(out)] == ["allocated", "released"]
     code, out, _ = await tp(capsys, redis_url, "events", "--type", "released")
     (line,) = out.splitlines()
     assert "released" in line and "call_id=call-e" in line
     code, out, _ = await tp(capsys, redis_url, "events", "--count", "1", "--json")
-    assert len(orjson.loads(out)) == 1
+    assert len(msgspec.json.decode(out)) == 1
 
 
 async def test_events_filter_before_count_and_unknown_type(
@@ -82,10 +82,10 @@ async def test_events_filter_before_count_and_unknown_type(
         assert (await client.release(f"call-{i}")).status == "released"
     code, out, _ = await tp(capsys, redis_url, "events", "--json", "--type", "released", "-c", "13")
     assert code == 0
-    got = [e["call_id"] for e in orjson.loads(out)]
+    got = [e["call_id"] for e in msgspec.json.decode(out)]
     assert got == ["call-old", *(f"call-{i}" for i in range(12))]
     code, out, _ = await tp(capsys, redis_url, "events", "--json", "--call", "call-old", "-c", "1")
-    assert [e["event"] for e in orjson.loads(out)] == ["released"]
+    assert [e["event"] for e in msgspec.json.decode(out)] == ["released"]
 
     code, out, err = await tp(capsys, redis_url, "events", "--type", "relased")
     assert code == 2 and out == ""
@@ -163,7 +163,7 @@ async def test_dead_list_and_requeue(
     (bad_id,) = await _dead_ids(r)
 
     code, out, _ = await tp(capsys, redis_url, "dead", "--json")
-    (doc,) = orjson.loads(out)
+    (doc,) = msgspec.json.decode(out)
     assert code == 0
     assert doc["id"] == bad_id and doc["stream"] == "allocate"
     assert doc["request_id"] == "bad-1" and "call_id" in doc["error"]
@@ -182,7 +182,9 @@ async def test_dead_list_and_requeue(
                 "error": "test",
                 "deliveries": "6",
                 "at_ms": "0",
-                "fields": orjson.dumps({"request_id": "req-ok", "call_id": "c-requeued"}).decode(),
+                "fields": msgspec.json.encode(
+                    {"request_id": "req-ok", "call_id": "c-requeued"}
+                ).decode(),
             },
         )
     )
@@ -230,12 +232,14 @@ async def test_requeue_all(
             {
                 "stream": KEYS.request_stream("release"),
                 "request_id": f"rq-{i}",
-                "fields": orjson.dumps({"request_id": f"rq-{i}", "call_id": f"none-{i}"}).decode(),
+                "fields": msgspec.json.encode(
+                    {"request_id": f"rq-{i}", "call_id": f"none-{i}"}
+                ).decode(),
             },
         )
     code, out, _ = await tp(capsys, redis_url, "dead", "requeue", "--all", "--json")
     assert code == 0
-    assert [d["request_id"] for d in orjson.loads(out)] == ["rq-0", "rq-1", "rq-2"]
+    assert [d["request_id"] for d in msgspec.json.decode(out)] == ["rq-0", "rq-1", "rq-2"]
     for i in range(3):
         assert (await reply(r, f"rq-{i}"))["status"] == "not_found"
     assert await r.xlen(KEYS.dead) == 0

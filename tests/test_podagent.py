@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -31,7 +31,7 @@ HEARTBEAT_S = 0.25
 LEASE_TTL_S = 1.5
 DRAINING_TTL_S = 1.0
 ENV = {
-    "TIER_CONFIG": orjson.dumps({"gold": {"type": "exclusive", "target": 2}}).decode(),
+    "TIER_CONFIG": msgspec.json.encode({"gold": {"type": "exclusive", "target": 2}}).decode(),
     "POD_TTL": "1s",
     "LEASE_TTL": "1500ms",
     "DRAINING_TTL": "1s",

@@ -17,7 +17,6 @@ child: one ConfigCache that prints ``version monotonic_ns`` for each snapshot.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -30,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -148,7 +148,7 @@ class ServedLog:
         self.offset += len(complete)
         for line in complete.decode().splitlines():
             if "serving config version" in line:
-                record = json.loads(line)
+                record = msgspec.json.decode(line)
                 found = self._SERVING.search(record["msg"])
                 if found:
                     stamp = datetime.fromisoformat(record["ts"].replace("Z", "+00:00"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -39,7 +39,7 @@ async def lead(r: Redis) -> str:
 
 
 async def set_config(state: PoolState, cfg: dict[str, Any], rid: str = "cfg") -> None:
-    out = await state.apply(ConfigRequest(request_id=rid, config=orjson.dumps(cfg).decode()))
+    out = await state.apply(ConfigRequest(request_id=rid, config=msgspec.json.encode(cfg).decode()))
     assert out.status == "applied", out
     await state.source.refresh()
 
@@ -296,7 +296,7 @@ async def test_silent_pod_is_removed_and_its_calls_reported_lost(r: Redis) -> No
     await ops.register("p1", now_ms=T0)
     await ops.allocate("c1", now_ms=T0, chain=("basic",))
     await ops.heartbeat("p1", now_ms=T0 + 10 * SEC)
-    lost_pod = orjson.loads(await r.hget(KEYS.calls, "c1"))["pod"]
+    lost_pod = msgspec.json.decode(await r.hget(KEYS.calls, "c1"))["pod"]
     await ops.heartbeat("p1" if lost_pod == "p0" else "p0", now_ms=T0 + 10 * SEC)
     token = await lead(r)
     assert (await reap(state, token, now_ms=T0 + 15 * SEC)).pods == 0  # exactly POD_TTL: alive
@@ -306,7 +306,7 @@ async def test_silent_pod_is_removed_and_its_calls_reported_lost(r: Redis) -> No
     assert await r.hgetall(KEYS.pool_count) == {"basic": "1"}
     [pod_ev] = await events(r, "pod_lost")
     [call_ev] = await events(r, "call_lost")
-    assert (pod_ev["pod_id"], orjson.loads(pod_ev["calls"])) == (lost_pod, ["c1"])
+    assert (pod_ev["pod_id"], msgspec.json.decode(pod_ev["calls"])) == (lost_pod, ["c1"])
     assert (call_ev["call_id"], call_ev["reason"]) == ("c1", "pod_silent")
     assert await r.zcard(KEYS.leases) == 0
 
@@ -393,7 +393,7 @@ async def test_gauges_are_computed_in_redis_and_fenced(r: Redis) -> None:
     assert res.status == "ok"
     stored = await r.hgetall(KEYS.gauges)
     assert stored["token"] == token
-    gauges = orjson.loads(stored["json"])
+    gauges = msgspec.json.decode(stored["json"])
     assert gauges == res.gauges
     assert gauges["active_calls"] == 2
     gold = gauges["pools"]["gold"]

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -35,7 +35,7 @@ TIER_CONFIG = {
     "basic": {"type": "shared", "target": 2, "max_concurrent": 4},
 }
 ENV = {
-    "TIER_CONFIG": orjson.dumps(TIER_CONFIG).decode(),
+    "TIER_CONFIG": msgspec.json.encode(TIER_CONFIG).decode(),
     "POD_TTL": "2s",
     "TIERPOOL_HEARTBEAT": "250ms",
 }
@@ -116,7 +116,7 @@ async def test_everything_recovers_when_redis_restarts_empty(
         assert all(w.alive() for w in workers), "a worker died instead of recovering"
         assert [w.pid for w in pool.procs] == [w.pid for w in workers]  # none restarted
         now_ms = int((await r.time())[0]) * 1000
-        config = parse_tier_config(orjson.dumps(TIER_CONFIG).decode(), version=1)
+        config = parse_tier_config(msgspec.json.encode(TIER_CONFIG).decode(), version=1)
         broken = await violations(r, KEYS, config, now_ms=now_ms, pod_ttl_ms=2_000)
 
     print(

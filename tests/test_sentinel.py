@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection
@@ -161,7 +161,7 @@ async def test_primary_killed_under_load(
             await release(call)
 
     env = {
-        "TIER_CONFIG": orjson.dumps(TIER_CONFIG).decode(),
+        "TIER_CONFIG": msgspec.json.encode(TIER_CONFIG).decode(),
         "POD_TTL": "3s",
         "TIERPOOL_HEARTBEAT": "250ms",
         "REDIS_SENTINELS": ",".join(target.sentinels),
@@ -206,7 +206,7 @@ async def test_primary_killed_under_load(
                 tg.start_soon(agent.shutdown, 2.0)
         assert all(w.alive() for w in workers), "a worker died instead of following the failover"
         now_ms = int((await sr.time())[0]) * 1000
-        config = parse_tier_config(orjson.dumps(TIER_CONFIG).decode(), version=1)
+        config = parse_tier_config(msgspec.json.encode(TIER_CONFIG).decode(), version=1)
         broken = await violations(sr, KEYS, config, now_ms=now_ms, pod_ttl_ms=3_000)
 
     recovery_s = t_first - t_kill

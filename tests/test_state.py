@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -40,7 +40,7 @@ async def test_exclusive_pod_takes_one_call_and_a_full_pool_falls_through(r: Red
     assert {o.fields["pool"] for o in shared} == {"basic"}
     full = await ops.allocate("c9")
     assert full.status == "rejected"
-    reasons = orjson.loads(full.fields["reasons"])
+    reasons = msgspec.json.decode(full.fields["reasons"])
     assert {x["filter"] for x in reasons} == {"capacity"}
     assert any("basic" in x["detail"] and "max_concurrent 3" in x["detail"] for x in reasons)
     assert all(x["suggested_action"] for x in reasons)
@@ -118,7 +118,7 @@ async def test_restricted_call_never_lands_on_an_open_pod(r: Redis) -> None:
     await ops.register("open1")
     out = await ops.allocate("c1", zone="restricted")
     assert out.status == "rejected"
-    assert [x["filter"] for x in orjson.loads(out.fields["reasons"])] == ["zone"]
+    assert [x["filter"] for x in msgspec.json.decode(out.fields["reasons"])] == ["zone"]
     await ops.register("safe1", zone="restricted")
     ok = await ops.allocate("c1", zone="restricted")
     assert ok.fields["pod_id"] == "safe1"
@@ -152,7 +152,7 @@ async def test_min_capability_skips_lower_pools_with_a_reason(r: Redis) -> None:
     out = await ops.allocate("c1", min_capability=3)
     assert (out.status, out.fields["pool"]) == ("allocated", "big")
     out2 = await ops.allocate("c2", min_capability=3)
-    reasons = orjson.loads(out2.fields["reasons"])
+    reasons = msgspec.json.decode(out2.fields["reasons"])
     assert {x["filter"] for x in reasons} == {"capability", "capacity"}
 
 
@@ -190,7 +190,7 @@ async def test_merchant_dedicated_pool_serves_only_its_merchant(r: Redis) -> Non
     assert await _set_merchant(state, "acme-co", pool="acme", fallback=[]) == "applied"
     other = await ops.allocate("c1", merchant_id="globex", chain=("acme",))
     assert other.status == "rejected"
-    assert [x["filter"] for x in orjson.loads(other.fields["reasons"])] == ["merchant"]
+    assert [x["filter"] for x in msgspec.json.decode(other.fields["reasons"])] == ["merchant"]
     mine = await ops.allocate("c2", merchant_id="acme-co")
     assert mine.fields["pool"] == "acme"
     # fallback [] means "dedicated pool only" (anchor §14.26 made it the default chain)
@@ -226,7 +226,7 @@ async def test_heartbeat_from_unknown_pod_says_so_and_renews_only_own_leases(r: 
     await ops.register("b", now_ms=1_000_000)
     await ops.allocate("ca", now_ms=1_000_000)
     await ops.allocate("cb", now_ms=1_000_000)
-    pod_of = {c: orjson.loads(v)["pod"] for c, v in (await r.hgetall(KEYS.calls)).items()}
+    pod_of = {c: msgspec.json.decode(v)["pod"] for c, v in (await r.hgetall(KEYS.calls)).items()}
     other = "cb" if pod_of["ca"] == "a" else "ca"
     mine = "ca" if other == "cb" else "cb"
     before = await r.zscore(KEYS.leases, other)
@@ -242,7 +242,7 @@ async def test_deregister_ends_and_reports_calls(r: Redis) -> None:
     await ops.allocate("c2")
     out = await ops.deregister("p0")
     assert out.status == "deregistered"
-    assert sorted(orjson.loads(out.fields["calls"])) == ["c1", "c2"]
+    assert sorted(msgspec.json.decode(out.fields["calls"])) == ["c1", "c2"]
     assert await r.hlen(KEYS.calls) == 0
     assert await r.zcard(KEYS.leases) == 0
     lost = [e for _, e in await r.xrange(KEYS.events) if e["event"] == "call_lost"]
@@ -367,7 +367,7 @@ async def test_config_cas_conflict_and_invalid_config(r: Redis) -> None:
     assert (conflict.status, conflict.fields["config_version"]) == ("conflict", "1")
     ok = await state.apply(ConfigRequest(request_id="c", config='{"gold": 2}', expected_version=1))
     assert (ok.status, ok.fields["config_version"]) == ("applied", "2")
-    assert orjson.loads(await r.get(KEYS.config))["version"] == 2
+    assert msgspec.json.decode(await r.get(KEYS.config))["version"] == 2
 
 
 async def test_inapplicable_config_request_is_replied_dead_lettered_and_acked(r: Redis) -> None:

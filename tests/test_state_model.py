@@ -213,10 +213,10 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
         def change_config(self, which: str) -> None:
             cfg = CONFIG_A if which == "A" else CONFIG_B
             self.config_changed = True
-            import orjson
+            import msgspec
 
             out = self.apply(
-                ConfigRequest(request_id=self.rid(), config=orjson.dumps(cfg).decode())
+                ConfigRequest(request_id=self.rid(), config=msgspec.json.encode(cfg).decode())
             )
             assert out.status == "applied"
             self.run(self.state.source.refresh())
@@ -240,9 +240,9 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
             )
             assert not found, found
             calls = self.run(self.r.hgetall(KEYS.calls))
-            import orjson
+            import msgspec
 
-            assert {c: orjson.loads(v)["pod"] for c, v in calls.items()} == self.model.calls
+            assert {c: msgspec.json.decode(v)["pod"] for c, v in calls.items()} == self.model.calls
 
     run_state_machine_as_test(
         Machine,

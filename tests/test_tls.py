@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -220,7 +220,7 @@ async def test_worker_client_agent_and_cli_over_tls(tls_redis: TlsRedis, tmp_pat
     r = connect(url)
     await r.flushall()
     env = {
-        "TIER_CONFIG": orjson.dumps({"gold": {"type": "exclusive", "target": 1}}).decode(),
+        "TIER_CONFIG": msgspec.json.encode({"gold": {"type": "exclusive", "target": 1}}).decode(),
         "TIERPOOL_HEARTBEAT": "250ms",
     }
     try:

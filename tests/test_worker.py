@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -72,14 +72,14 @@ async def test_every_request_kind_gets_its_contract_reply(r: Redis, pool: Worker
     assert (again["status"], again["pod_id"], again["existing"]) == ("allocated", "p1", "1")
     full = await ask(r, ALLOCATE, "a3", call_id="c2")
     assert full["status"] == "rejected"
-    assert all(x["filter"] and x["suggested_action"] for x in orjson.loads(full["reasons"]))
+    assert all(x["filter"] and x["suggested_action"] for x in msgspec.json.decode(full["reasons"]))
 
     assert (await ask(r, RELEASE, "r1", call_id="c1"))["status"] == "released"
     assert (await ask(r, RELEASE, "r2", call_id="c1"))["status"] == "not_found"
     assert (await ask(r, DRAIN, "d1", pod_id="p1"))["status"] == "drained"
     assert (await ask(r, DRAIN, "d2", pod_id="p1", action="undrain"))["status"] == "undrained"
 
-    new_config = orjson.dumps(
+    new_config = msgspec.json.encode(
         {"gold": {"type": "exclusive", "target": 2}, "basic": {"type": "shared", "target": 1}}
     ).decode()
     conflict = await ask(r, CONFIG, "k1", config=new_config, expected_version="99")
@@ -193,7 +193,7 @@ async def test_entry_failing_every_time_is_dead_lettered_after_max_deliveries(
     assert (got["status"], got["error"]) == ("invalid", "too many deliveries (4)")
     [(_, dead)] = await r.xrange(KEYS.dead)
     assert (dead["request_id"], dead["deliveries"], dead["stream"]) == ("bad1", "4", RELEASE)
-    assert orjson.loads(dead["fields"]) == {"request_id": "bad1", "call_id": "poison"}
+    assert msgspec.json.decode(dead["fields"]) == {"request_id": "bad1", "call_id": "poison"}
     await wait_for(lambda: settled(r))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
-import orjson
+import msgspec
 from anyio.abc import TaskStatus
 from prometheus_client import Gauge
 from redis.asyncio import Redis
@@ -141,7 +141,7 @@ async def read_view(redis: Redis, keys: Keys, *, with_config: bool = False) -> C
     unassigned = active = 0
     at_ms: int | None = None
     if gauges_raw:
-        doc = orjson.loads(gauges_raw)
+        doc = msgspec.json.decode(gauges_raw)
         # cjson encodes an empty table as {}; a pool-less config is an empty object.
         pools = {name: PoolGauges.from_json(g) for name, g in (doc.get("pools") or {}).items()}
         unassigned = int(doc.get("unassigned") or 0)

@@ -40,7 +40,7 @@ from typing import Final, Protocol, cast
 
 import anyio
 import anyio.lowlevel
-import orjson
+import msgspec
 from anyio.abc import SocketAttribute, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -126,7 +126,7 @@ def _response(status: int, content_type: str, body: bytes, *, head: bool = False
 
 
 def _json(status: int, doc: object, *, head: bool = False) -> bytes:
-    return _response(status, _JSON, orjson.dumps(doc) + b"\n", head=head)
+    return _response(status, _JSON, msgspec.json.encode(doc) + b"\n", head=head)
 
 
 async def respond(ctx: WorkerContext, method: str, target: str) -> bytes:

@@ -1,7 +1,7 @@
 """Process logging: JSON lines for machines, a readable line for people.
 
 ``LOG_FORMAT=json`` (the default, what a log pipeline wants) writes one
-orjson object per line with ``ts``, ``level``, ``logger``, ``msg`` and every
+JSON object per line with ``ts``, ``level``, ``logger``, ``msg`` and every
 field passed with ``extra=`` (``request_id``, ``call_id``, ``pod_id``,
 ``pool``, ``worker_id``...); ``LOG_FORMAT=console`` writes the same facts as
 ``time LEVEL logger: msg key=value``. ``LOG_LEVEL`` sets the root level.
@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import IO, Any, Final
 
-import orjson
+import msgspec
 
 from tierpool.core.settings import Settings
 
@@ -113,7 +113,7 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = record.exc_text
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return orjson.dumps(doc, default=_default).decode()
+        return msgspec.json.encode(doc, enc_hook=_default).decode()
 
 
 class ConsoleFormatter(logging.Formatter):

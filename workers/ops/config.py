@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
-import orjson
+import msgspec
 
 from tierpool.core.errors import TierConfigError
 from tierpool.core.tierconfig import TierConfig, parse_tier_config, to_wire_dict
@@ -134,7 +134,7 @@ async def _config_get(ops: Ops) -> int:
     if raw is None:
         error("config get", "no tier config is stored yet (a worker stores TIER_CONFIG at start)")
         return EXIT_FAILED
-    doc = orjson.loads(raw)
+    doc = msgspec.json.decode(raw)
     if ops.json:
         write_json(doc)
         return EXIT_OK
@@ -173,8 +173,8 @@ def policy_pools(stored: dict[str, str]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for merchant, raw in stored.items():
         try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            doc = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
             continue  # an unreadable policy is reported by `merchant get`, not here
         if isinstance(doc, dict):
             names = [doc.get("pool"), *(doc.get("fallback") or [])]
@@ -207,13 +207,13 @@ async def _merchant_get(ops: Ops) -> int:
     merchant_id = ops.args.merchant_id
     if merchant_id:
         raw = await ops.redis.hget(ops.keys.merchants, merchant_id)
-        policies = {merchant_id: orjson.loads(raw)} if raw else {}
+        policies = {merchant_id: msgspec.json.decode(raw)} if raw else {}
         if not policies:
             error("merchant get", f"merchant {merchant_id!r} has no policy")
             return EXIT_FAILED
     else:
         stored = await ops.redis.hgetall(ops.keys.merchants)
-        policies = {m: orjson.loads(p) for m, p in sorted(stored.items())}
+        policies = {m: msgspec.json.decode(p) for m, p in sorted(stored.items())}
     if ops.json:
         write_json(policies)
         return EXIT_OK

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import orjson
+import msgspec
 from redis.exceptions import WatchError
 
 from tierpool.workers.gauges import stream_label
@@ -71,8 +71,8 @@ def main(args: argparse.Namespace) -> int:
 
 def dead_doc(ops: Ops, entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
     try:
-        original = orjson.loads(fields.get("fields") or "{}")
-    except orjson.JSONDecodeError:
+        original = msgspec.json.decode(fields.get("fields") or "{}")
+    except msgspec.DecodeError:
         original = None
     stream = fields.get("stream", "")
     return {
@@ -199,4 +199,4 @@ def _text(value: object) -> str:
     """A field value back as the flat string it was (JSON-encoded lists and maps stay JSON)."""
     if isinstance(value, str):
         return value
-    return orjson.dumps(value).decode()
+    return msgspec.json.encode(value).decode()

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 import anyio
-import orjson
+import msgspec
 
 from tierpool.workers.ops.common import (
     EXIT_OK,
@@ -105,7 +105,7 @@ def _emit(ops: Ops, entries: Iterable[tuple[str, dict[str, str]]]) -> None:
             continue
         if ops.json:  # one object per line while following: a stream, not a document
             doc: dict[str, Any] = {"id": entry_id, **fields}
-            write(orjson.dumps(doc).decode())
+            write(msgspec.json.encode(doc).decode())
         else:
             write(format_event(entry_id, fields))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Final
 
-import orjson
+import msgspec
 
 from tierpool.core.errors import TierConfigError
 from tierpool.core.tierconfig import TierConfig, parse_tier_config
@@ -107,7 +107,7 @@ async def read_pods(ops: Ops) -> tuple[list[dict[str, Any]], int]:
                 "last_seen_ms": last,
                 "draining_until_ms": drain_ms.get(pod),
                 "endpoint": endpoint.get(pod),
-                "labels": orjson.loads(labels[pod]) if labels.get(pod) else {},
+                "labels": msgspec.json.decode(labels[pod]) if labels.get(pod) else {},
             }
         )
     out.sort(key=lambda p: (p["pool"] is None, p["pool"] or "", p["pod_id"]))
