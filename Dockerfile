@@ -18,7 +18,9 @@ COPY workers workers
 COPY client client
 COPY bench bench
 COPY gateway gateway
-RUN pip install . && useradd --system --no-create-home tierpool
+COPY kube kube
+# The kubernetes extra: the same image runs with POD_SOURCE=kubernetes.
+RUN pip install '.[kubernetes]' && useradd --system --no-create-home tierpool
 
 USER tierpool
 # /metrics, /healthz, /readyz of a worker (METRICS_PORT); the gateway's HTTP_PORT.

@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,kubernetes]'
 
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || ./scripts/install-redis

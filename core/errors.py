@@ -103,3 +103,16 @@ def find_in_group(exc: BaseException, kind: type[E]) -> E | None:
             if found is not None:
                 return found
     return None
+
+
+class LeadershipLost(TierpoolError):
+    """Raised by :class:`core.podsource.FencedPods` when the leader lease is not ours.
+
+    A pod source's writes are fenced by the lease token: once another process
+    holds the lease (or nobody does), nothing is written and the term must end.
+    """
+
+    def __init__(self, token: str, holder: str | None) -> None:
+        self.token = token
+        self.holder = holder
+        super().__init__(f"leader lease is held by {holder or 'nobody'}, not {token}")

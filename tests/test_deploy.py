@@ -10,9 +10,11 @@ reads; anything outside it fails here, on purpose.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -221,7 +223,7 @@ def test_no_file_uses_the_default_redis_port() -> None:
 def test_dockerfile_installs_every_package() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
-    assert "pip install ." in text
+    assert re.search(r"pip install (\.|'\.\[kubernetes\]')", text), "the image installs tierpool"
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "packages"
     ]["find"]["include"]
@@ -229,6 +231,11 @@ def test_dockerfile_installs_every_package() -> None:
     assert packages, "pyproject names no packages"
     for package in packages:
         assert re.search(rf"^COPY {package} {package}$", text, re.MULTILINE), package
+    # Every subpackage linked into tierpool/ is copied too (tierpool/kube -> ../kube).
+    for link in sorted((ROOT / "tierpool").iterdir()):
+        if link.is_symlink():
+            target = Path(os.readlink(link)).name
+            assert re.search(rf"^COPY {target} {target}$", text, re.MULTILINE), target
 
 
 # --- Grafana --------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from tierpool.core.configcache import ConfigCache
+from tierpool.core.errors import SettingsError
 from tierpool.core.keys import Keys
+from tierpool.core.podsource import PodSource
 from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.core.state import PoolState
@@ -56,6 +58,8 @@ class WorkerContext:
     health: Health = field(default_factory=Health)
     is_leader: bool = False
     leader_token: str | None = None
+    pod_source: PodSource | None = None
+    """Run by the leader each term besides its own loops (``POD_SOURCE``)."""
 
     @classmethod
     def create(cls, settings: Settings, worker_id: str | None = None) -> WorkerContext:
@@ -70,4 +74,25 @@ class WorkerContext:
         cache = ConfigCache(redis, keys, settings)
         state = PoolState(redis, keys, settings, cache)
         state.on_stale_retry = metrics.stale_retries_total.inc
-        return cls(settings, keys, redis, cache, state, wid)
+        ctx = cls(settings, keys, redis, cache, state, wid)
+        ctx.pod_source = make_pod_source(settings)
+        return ctx
+
+
+def make_pod_source(settings: Settings) -> PodSource | None:
+    """The pod source ``POD_SOURCE`` names; None for ``stream`` (pods announce themselves).
+
+    Imported here, on demand: ``tierpool.kube`` needs the ``kubernetes`` extra,
+    and an install without it must still run every other role.
+    """
+    if settings.pod_source != "kubernetes":
+        return None
+    try:
+        from tierpool.kube import KubePodSource
+    except ImportError as exc:
+        raise SettingsError(
+            "POD_SOURCE",
+            settings.pod_source,
+            f"needs the kubernetes extra: pip install 'tierpool[kubernetes]' ({exc})",
+        ) from exc
+    return KubePodSource(settings)

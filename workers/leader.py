@@ -10,7 +10,9 @@ Every worker runs :func:`run_leader`; one at a time wins the lease
 - gauges (``core.reconcile.publish_gauges``) every ``GAUGES_INTERVAL_S``, so
   every replica's exporter copies the same figures;
 - ``core.upstream.run_upstream`` (the upstream tier
-  config source; it returns at once when ``TIER_CONFIG_URL`` is unset).
+  config source; it returns at once when ``TIER_CONFIG_URL`` is unset);
+- the pod source, when ``POD_SOURCE`` names one (``tierpool.kube``): its
+  writes are fenced by the term's token (``core.podsource.FencedPods``).
 
 A loop that fails logs it and runs again at its next tick; a script that
 answers ``fenced`` ends the term at once (the loops are cancelled, the process
@@ -26,7 +28,9 @@ from functools import partial
 import anyio
 from anyio.abc import TaskStatus
 
+from tierpool.core.errors import LeadershipLost, find_in_group
 from tierpool.core.leader import Election, Leadership
+from tierpool.core.podsource import FencedPods
 from tierpool.core.reconcile import publish_gauges, reap, reconcile
 from tierpool.core.upstream import run_upstream
 from tierpool.workers import metrics
@@ -38,6 +42,8 @@ GAUGES_INTERVAL_S = 2.0
 """How often the leader recomputes the pool gauges in Redis."""
 UPSTREAM_RESTART_S = 5.0
 """Pause before restarting ``run_upstream`` after it failed."""
+POD_SOURCE_RESTART_S = 2.0
+"""Pause before restarting the pod source after it failed."""
 
 Step = Callable[[], Awaitable[None]]
 Upstream = Callable[..., Awaitable[None]]
@@ -68,6 +74,8 @@ async def lead(ctx: WorkerContext, term: Leadership) -> None:
             tg.start_soon(_every, "reap", s.cleanup_interval_s, partial(reap_once, ctx, term))
             tg.start_soon(_every, "gauges", GAUGES_INTERVAL_S, partial(gauges_once, ctx, term))
             tg.start_soon(_supervise, run_upstream, ctx, term)
+            if ctx.pod_source is not None:
+                tg.start_soon(_run_pod_source, ctx, term)
     finally:
         ctx.is_leader = False
         ctx.leader_token = None
@@ -149,3 +157,24 @@ async def _supervise(fn: Upstream, ctx: WorkerContext, term: Leadership) -> None
         else:
             return
         await anyio.sleep(UPSTREAM_RESTART_S)
+
+
+async def _run_pod_source(ctx: WorkerContext, term: Leadership) -> None:
+    """Run the pod source for this term; a fenced write ends the term."""
+    source = ctx.pod_source
+    assert source is not None
+    pods = FencedPods(ctx.state, term.token)
+    while True:
+        try:
+            await source.lead(pods, term)
+        except Exception as exc:
+            lost = find_in_group(exc, LeadershipLost)  # a source's task group wraps it
+            if lost is not None:
+                log.warning("pod source %s: %s", source.name, lost)
+                term.step_down("the pod source was fenced")
+                return
+            metrics.worker_errors_total.labels(loop="leader_pod_source").inc()
+            log.exception(
+                "pod source %s failed; restarting in %.0fs", source.name, POD_SOURCE_RESTART_S
+            )
+        await anyio.sleep(POD_SOURCE_RESTART_S)
