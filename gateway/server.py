@@ -88,7 +88,12 @@ class GatewayServer:
     async def run(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop`; ``task_status.started(port)`` once listening."""
         s = self.settings
-        redis = connect(s.redis_url, client_name="tierpool-gateway")
+        redis = connect(
+            s.redis_url,
+            client_name="tierpool-gateway",
+            retries=s.redis_max_retries,  # the anchor's REDIS_MAX_RETRIES / REDIS_DIAL_TIMEOUT
+            connect_timeout_s=s.redis_dial_timeout_s,
+        )
         try:
             with anyio.fail_after(START_PING_TIMEOUT_S):
                 await redis.ping()
@@ -166,7 +171,12 @@ class RedisAway(Exception):
 
 async def serve(settings: Settings, port: int | None = None) -> None:
     """Run the gateway until a signal stops it; :class:`RedisAway` when Redis does not answer."""
-    redis = connect(settings.redis_url, client_name="tierpool-gateway")
+    redis = connect(
+        settings.redis_url,
+        client_name="tierpool-gateway",
+        retries=settings.redis_max_retries,
+        connect_timeout_s=settings.redis_dial_timeout_s,
+    )
     try:
         with anyio.fail_after(START_PING_TIMEOUT_S):
             await redis.ping()

@@ -511,3 +511,20 @@ async def test_worker_starts_on_the_anchor_production_environment(
     }  # fmt: skip
     (tmp_path / "scraped.test.yml").write_text(json.dumps(doc, indent=1))
     run_promtool("test", "rules", "scraped.test.yml", cwd=tmp_path)
+
+
+def test_redis_retries_and_dial_timeout_reach_the_connection() -> None:
+    """``REDIS_MAX_RETRIES`` and ``REDIS_DIAL_TIMEOUT`` keep the anchor's meaning."""
+    settings = Settings.from_env(
+        {"REDIS_URL": "redis://127.0.0.1:1", "REDIS_MAX_RETRIES": "7", "REDIS_DIAL_TIMEOUT": "2s"}
+    )
+    ctx = WorkerContext.create(settings)
+    kwargs = ctx.redis.connection_pool.connection_kwargs
+    assert kwargs["socket_connect_timeout"] == 2
+    assert kwargs["retry"].get_retries() == 7
+    assert (
+        WorkerContext.create(Settings())
+        .redis.connection_pool.connection_kwargs["retry"]
+        .get_retries()
+        == 3
+    )
