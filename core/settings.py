@@ -25,11 +25,12 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from tierpool.core.durations import format_duration, parse_duration_ns
 from tierpool.core.errors import SettingsError, TierConfigError
 from tierpool.core.keys import valid_namespace
+from tierpool.core.masking import mask_url
 from tierpool.core.redisconn import RedisTarget
 from tierpool.core.tierconfig import TierConfig, read_anchor_tier_config
 
@@ -37,58 +38,9 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "console"]
 PodSourceName = Literal["stream", "kubernetes"]
 
-_MASK: Final = "***"
 _NS_PER_MS: Final = 1_000_000
 _NS_PER_S: Final = 1_000_000_000
 _DIGITS: Final = re.compile(r"[0-9]+")
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password and any query value that may be a secret replaced by ``***``.
-
-    A user name alone is masked too: ``redis://secret@host`` is a common
-    mistake for ``redis://:secret@host``. Query values are kept only for keys
-    known to be harmless (``db``, ``protocol``...), so an unfamiliar key such
-    as ``token`` or ``X-Amz-Signature`` is never printed; a fragment is masked.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return _MASK
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:{_MASK}@{hostport}" if colon else f"{_MASK}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, v if k.lower() in _HARMLESS_QUERY_KEYS else _MASK) for k, v in pairs],
-            safe="*",
-        )
-    if netloc == parts.netloc and query == parts.query and not parts.fragment:
-        return url  # nothing to hide: show it exactly as given
-    # Built by hand: urlunsplit would turn "unix:///path" into "unix:/path".
-    tail = (f"?{query}" if query else "") + (f"#{_MASK}" if parts.fragment else "")
-    return f"{parts.scheme}://{netloc}{parts.path}{tail}"
-
-
-_HARMLESS_QUERY_KEYS: Final = frozenset(
-    {
-        "db",
-        "protocol",
-        "ssl_cert_reqs",
-        "decode_responses",
-        "health_check_interval",
-        "socket_timeout",
-        "socket_connect_timeout",
-        "socket_keepalive",
-        "retry_on_timeout",
-        "max_connections",
-        "client_name",
-    }
-)
 
 
 def _url_problem(text: str, schemes: tuple[str, ...]) -> str | None:

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from tierpool.core import placement
 from tierpool.core.errors import TierConfigError
 from tierpool.core.keys import Keys
+from tierpool.core.masking import mask_text
 from tierpool.core.scripts import Call, CallBuilder, PoolTable, run_calls
 from tierpool.core.settings import Settings
 from tierpool.core.snapshot import ConfigSnapshot, SnapshotSource, dedicated_pools, retry_stale
@@ -350,7 +351,13 @@ class PoolState:
         with (a policy naming an unknown pool); the script answers ``stale``
         instead of rejecting when Redis holds a newer config or policy set.
         """
-        payload = msgspec.json.encode(fields).decode()
+        # Masked here, the one door to the dead stream and the ``invalid``
+        # reply: an error may quote a bad field (an endpoint with a password)
+        # and the fields are kept as sent.
+        error = mask_text(error)
+        payload = msgspec.json.encode(
+            {mask_text(k): mask_text(v) for k, v in fields.items()}
+        ).decode()
         config_reply = entry is not None and entry.stream == self.keys.request_stream("config")
         return self.calls.call(
             "reject",

@@ -15,11 +15,13 @@ retried after at most :data:`RETRY_AFTER_FAILURE_S`.
 An unreachable upstream, a status other than 200 or a body that is not a
 valid tier config (any of the three formats) changes nothing; the reason is
 logged once per distinct problem. The URL is logged masked (it may carry a
-token).
+token); credentials in it (``https://user:pass@host/...``) are sent as HTTP
+basic authentication, never as part of the address.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import logging
 import urllib.error
@@ -35,16 +37,18 @@ from redis.exceptions import RedisError
 
 from tierpool.core.errors import TierConfigError
 from tierpool.core.keys import Keys
-from tierpool.core.settings import Settings, mask_url
+from tierpool.core.masking import mask_text, mask_url, split_userinfo
+from tierpool.core.settings import Settings
 from tierpool.core.snapshot import SnapshotSource
 from tierpool.core.tierconfig import TierConfig, parse_tier_config, to_json
 from tierpool.schemas import ConfigRequest, encode
+from tierpool.schemas.fields import MAX_CONFIG_BYTES
 
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 10.0
-MAX_BODY_BYTES = 1 << 20
-"""A tier config is a few KB; more is not a tier config."""
+MAX_BODY_BYTES = MAX_CONFIG_BYTES
+"""The largest upstream body read: what a config request may carry (README, Configuration)."""
 RETRY_AFTER_FAILURE_S = 60.0
 """After a failed fetch, the next one comes after this (or the TTL, if shorter)."""
 REPLY_TIMEOUT_S = 10.0
@@ -90,9 +94,15 @@ async def default_fetch(url: str, timeout_s: float) -> tuple[int, bytes]:
 
 
 def _get(url: str, timeout_s: float) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        url, headers={"Accept": "application/json", "User-Agent": "tierpool"}
-    )
+    # urllib does not take credentials from the URL: it would read
+    # "user:pass@host" as host "user" with port "pass@host" and quote the
+    # password in its error. They go in an Authorization header instead.
+    bare, user, password = split_userinfo(url)
+    headers = {"Accept": "application/json", "User-Agent": "tierpool"}
+    if user is not None or password is not None:
+        token = base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode("ascii")
+        headers["Authorization"] = f"Basic {token}"
+    request = urllib.request.Request(bare, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return int(response.status), response.read(MAX_BODY_BYTES + 1)
@@ -126,7 +136,7 @@ async def check_upstream(
     try:
         status, body = await fetch(url, FETCH_TIMEOUT_S)
     except (OSError, http.client.HTTPException) as exc:  # refused, timed out, cut short
-        return UpstreamCheck("unreachable", f"{type(exc).__name__}: {exc}")
+        return UpstreamCheck("unreachable", mask_text(f"{type(exc).__name__}: {exc}"))
     if status != 200:
         return UpstreamCheck("bad_status", f"HTTP status {status}")
     if len(body) > MAX_BODY_BYTES:
@@ -145,10 +155,13 @@ async def check_upstream(
     if not is_leader():
         return UpstreamCheck("not_leader", "leadership lost during the fetch")
 
+    text = to_json(new.with_version(0))
+    if len(text.encode()) > MAX_CONFIG_BYTES:  # the config stream would refuse it
+        return UpstreamCheck(
+            "invalid", f"config larger than {MAX_CONFIG_BYTES} bytes once written canonically"
+        )
     request_id = f"upstream-{await redis.incr(keys.upstream_seq)}"
-    message = ConfigRequest(
-        request_id=request_id, config=to_json(new.with_version(0)), expected_version=snap.version
-    )
+    message = ConfigRequest(request_id=request_id, config=text, expected_version=snap.version)
     await redis.xadd(
         keys.request_stream("config"),
         encode(message),  # type: ignore[arg-type]

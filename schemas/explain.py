@@ -107,12 +107,17 @@ def _utf8_len(value: object) -> int:
     return len(value) if isinstance(value, bytes | bytearray) else len(str(value))
 
 
-def size_problem(fields: Mapping[str, Any]) -> str | None:
+def size_problem(
+    fields: Mapping[str, Any], value_limits: Mapping[str, int] | None = None
+) -> str | None:
     """Why the entry is too large to process, or None.
 
     The limits bound the work and memory one producer can cost a worker
     (a 16 KiB call list, a 64 KiB entry), before any parsing happens.
+    ``value_limits`` raises the limit of named fields (a config request's
+    ``config``); the entry may then be larger by as much.
     """
+    limits = value_limits or {}
     try:
         chars = len("".join(fields)) + len("".join(fields.values()))
     except TypeError:
@@ -120,16 +125,21 @@ def size_problem(fields: Mapping[str, Any]) -> str | None:
     if chars <= _SURELY_SMALL_CHARS:
         return None
     total = 0
-    biggest, biggest_key = 0, ""
+    allowance = 0
+    over: tuple[str, int, int] | None = None  # (key, size, limit) of the first value too large
     for key, value in fields.items():
         size = _utf8_len(value)
-        if size > biggest:
-            biggest, biggest_key = size, key
+        limit = limits.get(key, MAX_VALUE_BYTES) if isinstance(key, str) else MAX_VALUE_BYTES
+        if limit > MAX_VALUE_BYTES:
+            allowance += min(size, limit)
+        if size > limit and (over is None or size - limit > over[1] - over[2]):
+            over = (key, size, limit)
         total += _utf8_len(key) + size
-    if total > MAX_MESSAGE_BYTES:
-        return f"message too large: {total} bytes (limit {MAX_MESSAGE_BYTES})"
-    if biggest > MAX_VALUE_BYTES:
-        return f"{_label(biggest_key)}: value too large: {biggest} bytes (limit {MAX_VALUE_BYTES})"
+    if total > MAX_MESSAGE_BYTES + allowance:
+        return f"message too large: {total} bytes (limit {MAX_MESSAGE_BYTES + allowance})"
+    if over is not None:
+        key, size, limit = over
+        return f"{_label(key)}: value too large: {size} bytes (limit {limit})"
     return None
 
 

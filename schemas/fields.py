@@ -24,6 +24,16 @@ MAX_MESSAGE_BYTES: Final = 65536
 MAX_VALUE_BYTES: Final = 16384
 """Largest single field value accepted, UTF-8 bytes."""
 
+MAX_CONFIG_BYTES: Final = 1 << 20
+"""Largest ``config`` value of a config request (a whole tier config), UTF-8 bytes.
+
+A tier config is a document, not a request field: 200 pools already take
+27 KB in canonical form, and the upstream source accepts a body of up to
+this size, so it must be able to send what it fetched. 1 MiB bounds what one
+config costs Redis (it is stored once, and each apply parses it) while
+leaving room for any real fleet; only operators and the leader write the
+config stream (see README, Security)."""
+
 MAX_INT: Final = 2**53 - 1
 """Upper bound of every integer field: Lua numbers are doubles, exact up to here."""
 

@@ -102,7 +102,8 @@ class FlatCodec(Generic[T]):
     Built once per type at import; all the reflection happens here so that
     ``decode`` does no more than the checks the message needs.
     ``not_on_wire`` names Struct fields derived from others (never read from
-    an entry, never written); ``check`` adds rules that span fields.
+    an entry, never written); ``check`` adds rules that span fields;
+    ``value_limits`` lets named fields exceed ``MAX_VALUE_BYTES``.
     """
 
     def __init__(
@@ -111,9 +112,11 @@ class FlatCodec(Generic[T]):
         *,
         not_on_wire: tuple[str, ...] = (),
         check: Callable[[T], list[str]] | None = None,
+        value_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.cls = cls
         self._check = check
+        self._value_limits = dict(value_limits or {})
         self._not_on_wire = not_on_wire
         config = cls.__struct_config__
         self._tag: tuple[str, str] | None = None
@@ -165,7 +168,7 @@ class FlatCodec(Generic[T]):
 
     def _fast(self, entry: dict[str, Any]) -> T | None:
         """The message, or None when anything is off (the slow path then says what)."""
-        if size_problem(entry) is not None:
+        if size_problem(entry, self._value_limits) is not None:
             return None
         # msgspec's lax mode also takes "5.0", "1e0" and "null" as integers
         # and "true" as a bool; the contract says decimal strings and "0"/"1".
@@ -198,7 +201,7 @@ class FlatCodec(Generic[T]):
 
     def problems(self, fields: Mapping[str, Any]) -> list[str]:
         """Every problem of the entry, worded for the producer (the slow path)."""
-        too_large = size_problem(fields)
+        too_large = size_problem(fields, self._value_limits)
         if too_large is not None:
             return [too_large]
         problems: list[str] = []

@@ -16,7 +16,7 @@ import msgspec
 
 from tierpool.core.errors import InvalidMessage
 from tierpool.schemas.explain import bad_value, size_problem, usable_request_id
-from tierpool.schemas.fields import first_duplicate
+from tierpool.schemas.fields import MAX_CONFIG_BYTES, first_duplicate
 from tierpool.schemas.flat import FlatCodec
 from tierpool.schemas.pods import (
     POD_EVENT_TYPES,
@@ -103,7 +103,11 @@ def _config_problems(msg: ConfigRequest) -> list[str]:
 _ALLOCATE = FlatCodec(AllocateRequest, check=_allocate_problems)
 _RELEASE = FlatCodec(ReleaseRequest)
 _DRAIN = FlatCodec(DrainRequest)
-_CONFIG = FlatCodec(ConfigRequest, not_on_wire=("remove_merchant",))
+_CONFIG = FlatCodec(
+    ConfigRequest,
+    not_on_wire=("remove_merchant",),
+    value_limits={"config": MAX_CONFIG_BYTES},  # a whole tier config, not a request field
+)
 _REPLY = FlatCodec(Reply)
 _POD_CODECS: dict[str, FlatCodec[Any]] = {
     tag: FlatCodec(cls) for tag, cls in POD_EVENT_TYPES.items()

@@ -548,6 +548,19 @@ def test_size_limits_count_utf8_bytes_not_characters() -> None:
     assert isinstance(ok, ReleaseRequest)
 
 
+def test_a_config_may_exceed_the_field_limit_up_to_one_mib() -> None:
+    """Issue 13 item 7: a tier config is a document; only ``config`` gets the larger limit."""
+    pools = {f"pool-{i:04d}": {"type": "shared", "target": 1} for i in range(2_000)}
+    text = json.dumps(pools)
+    assert 16_384 < len(text) < 1 << 20
+    msg = decode_request("config", {"request_id": "c1", "config": text})
+    assert isinstance(msg, ConfigRequest) and msg.config == text
+    err = invalid(decode_request, "config", {"request_id": "c1", "config": "{" + " " * (1 << 20)})
+    assert err.error == f"config: value too large: {(1 << 20) + 1} bytes (limit {1 << 20})"
+    err = invalid(decode_request, "config", {"request_id": "c1", "config": text, "x": "y" * 16_385})
+    assert err.error == "x: value too large: 16385 bytes (limit 16384)"
+
+
 def test_largest_heartbeat_under_the_limit_decodes() -> None:
     calls = [f"call-{i:07d}" for i in range(1000)]
     text = json.dumps(calls)

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from tierpool.core.errors import SettingsError
+from tierpool.core.masking import mask_url
 from tierpool.core.settings import (
     Settings,
     env_variables,
-    mask_url,
     unknown_tierpool_variables,
 )
 from tierpool.core.tierconfig import default_tier_config, parse_tier_config

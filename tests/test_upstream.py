@@ -9,17 +9,19 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import anyio
+import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from tests.conftest import wait_for
+from tierpool.core import upstream as upstream_module
 from tierpool.core.configcache import ConfigCache
 from tierpool.core.keys import GROUP, Keys
 from tierpool.core.settings import Settings
 from tierpool.core.snapshot import ConfigSnapshot
 from tierpool.core.state import Entry, PoolState
-from tierpool.core.tierconfig import parse_tier_config
+from tierpool.core.tierconfig import parse_tier_config, to_json
 from tierpool.core.upstream import check_upstream, default_fetch, run_upstream, same_content
 from tierpool.schemas import ConfigRequest, decode_request
 from tierpool.workers.redisproc import free_port
@@ -135,6 +137,41 @@ async def test_a_changed_upstream_is_applied_through_the_config_stream(
     assert same_content(snap.config, parse_tier_config(UPSTREAM))
     assert await world.r.exists(KEYS.reply("upstream-1")) == 0  # read, then deleted
     assert upstream.hits == 1
+
+
+def large_config(pools: int = 200) -> bytes:
+    """A valid tier config well over 16 KB (27 KB canonical at 200 pools)."""
+    doc = {
+        f"pool-{i:03d}-with-a-longer-name": {"type": "shared", "target": 3, "max_concurrent": 4}
+        for i in range(pools)
+    }
+    return orjson.dumps(doc)
+
+
+async def test_an_upstream_config_over_16_kb_is_applied_once(
+    world: World, upstream: Upstream
+) -> None:
+    """Regression (issue 13 item 7): a valid upstream config over 16 KB was refused
+    every period (the config request's ``config`` field hit the 16 KiB field limit)."""
+    upstream.body = large_config()
+    assert len(to_json(parse_tier_config(upstream.body))) > 16_384
+    result = await check_upstream(world.r, KEYS, world.cache.settings, world.cache)
+    assert (result.outcome, result.config_version) == ("applied", 2), result
+    snap = await world.cache.refresh()
+    assert len(snap.config.pools) == 200
+    again = await check_upstream(world.r, KEYS, world.cache.settings, world.cache)
+    assert again.outcome == "unchanged", again
+    assert len(await world.requests()) == 1
+
+
+async def test_an_upstream_config_over_the_limit_is_refused_before_sending(
+    world: World, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream_module, "MAX_CONFIG_BYTES", 20_000)
+    upstream.body = large_config()
+    result = await check_upstream(world.r, KEYS, world.cache.settings, world.cache)
+    assert result.outcome == "invalid" and "larger than 20000 bytes" in result.detail, result
+    assert await world.requests() == []
 
 
 async def test_same_content_sends_no_request(world: World, upstream: Upstream) -> None:

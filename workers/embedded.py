@@ -38,8 +38,9 @@ from tierpool.client.client import TierpoolClient
 from tierpool.core.clock import monotonic_s
 from tierpool.core.errors import RequestTimeout, SettingsError, TierpoolError
 from tierpool.core.keys import Keys
+from tierpool.core.masking import mask_url
 from tierpool.core.redisconn import connect
-from tierpool.core.settings import Settings, mask_url
+from tierpool.core.settings import Settings
 from tierpool.workers import http
 from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from tierpool.workers.gauges import ClusterView, read_view

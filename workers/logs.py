@@ -5,6 +5,9 @@ JSON object per line with ``ts``, ``level``, ``logger``, ``msg`` and every
 field passed with ``extra=`` (``request_id``, ``call_id``, ``pod_id``,
 ``pool``, ``worker_id``...); ``LOG_FORMAT=console`` writes the same facts as
 ``time LEVEL logger: msg key=value``. ``LOG_LEVEL`` sets the root level.
+Both pass the finished line through :func:`~tierpool.core.masking.mask_text`,
+so no URL password or token reaches a log, whoever logged it (redis-py and
+urllib errors included).
 
 Fields that hold for a whole process or task (the worker id, the request a
 batch step is handling) are bound once with :func:`bind` or
@@ -29,6 +32,7 @@ from typing import IO, Any, Final
 
 import msgspec
 
+from tierpool.core.masking import mask_text
 from tierpool.core.settings import Settings
 
 _LEVELS: Final = {
@@ -113,7 +117,7 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = record.exc_text
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return msgspec.json.encode(doc, enc_hook=_default).decode()
+        return mask_text(msgspec.json.encode(doc, enc_hook=_default).decode())
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -130,7 +134,7 @@ class ConsoleFormatter(logging.Formatter):
             line += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
             line += "\n" + self.formatStack(record.stack_info)
-        return line
+        return mask_text(line)
 
 
 def _console_value(value: object) -> str:

@@ -31,8 +31,9 @@ from tierpool.core.errors import (
     SettingsError,
 )
 from tierpool.core.keys import Keys, valid_namespace
+from tierpool.core.masking import mask_url
 from tierpool.core.redisconn import connect
-from tierpool.core.settings import Settings, mask_url
+from tierpool.core.settings import Settings
 from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_REDIS, EXIT_TIMEOUT, EXIT_USAGE
 
 __all__ = [

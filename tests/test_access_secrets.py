@@ -1,0 +1,218 @@
+"""Secrets never leak: URL passwords and tokens are masked in logs, replies, events, dead letters.
+
+Issue 13 item 6: a ``TIER_CONFIG_URL`` with ``user:pass@`` and no port logged
+the password (urllib read ``pass@host`` as a port and quoted it), and a pod
+endpoint with credentials was echoed in the ``invalid`` reply, the log and
+the dead letter.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import wait_for
+from tests.procs import WorkerPool, reply, send
+from tierpool.core.configcache import ConfigCache
+from tierpool.core.keys import Keys
+from tierpool.core.masking import mask_text, mask_url
+from tierpool.core.settings import Settings
+from tierpool.core.upstream import check_upstream
+from tierpool.workers.logs import setup_logging
+
+pytestmark = pytest.mark.anyio
+
+PASSWORD = "S3cretPw-7f1c"
+KEYS = Keys("t")
+_UNMASKED_USERINFO = re.compile(r"://([^\s/?#@'\"\\]*)@")
+
+
+def leaks(texts: Iterable[str], secret: str = PASSWORD) -> list[str]:
+    """Every text that holds ``secret`` or a URL whose userinfo is not masked."""
+    out = []
+    for text in texts:
+        if secret in text:
+            out.append(text)
+            continue
+        for m in _UNMASKED_USERINFO.finditer(text):
+            userinfo = m.group(1)
+            if userinfo != "***" and not userinfo.endswith(":***"):
+                out.append(text)
+                break
+    return out
+
+
+async def written_by_tierpool(r: Redis, keys: Keys = KEYS) -> list[str]:
+    """Every reply, event and dead letter in Redis, as text."""
+    texts: list[str] = []
+    async for key in r.scan_iter(match=keys.reply("*"), count=1000):
+        texts += [orjson.dumps(f).decode() for _, f in await r.xrange(key)]
+    for stream in (keys.events, keys.dead):
+        texts += [orjson.dumps(f).decode() for _, f in await r.xrange(stream)]
+    return texts
+
+
+# --- the one masking rule ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("no url here", "no url here"),
+        (
+            "endpoint: must be a URL, got 'http://pod:pw@10.0.0.1:8080/ws'",
+            "endpoint: must be a URL, got 'http://pod:***@10.0.0.1:8080/ws'",
+        ),
+        ('{"msg":"at redis://:pw@h:6379/0 down"}', '{"msg":"at redis://:***@h:6379/0 down"}'),
+        (
+            "two: https://a:b@x/y?token=t and wss://c@z",
+            "two: https://a:***@x/y?token=*** and wss://***@z",
+        ),
+        ("plain http://h:80/p?db=1 stays", "plain http://h:80/p?db=1 stays"),
+    ],
+)
+def test_mask_text_masks_every_url_in_free_text(text: str, shown: str) -> None:
+    assert mask_text(text) == shown
+    assert mask_text(text) == mask_text(mask_text(text))  # masking twice changes nothing
+
+
+def test_log_lines_are_masked_whoever_logs() -> None:
+    """A library that logs a URL with a password (or an exception quoting one) is masked too."""
+    out = io.StringIO()
+    setup_logging(Settings(log_format="json"), stream=out)
+    try:
+        logging.getLogger("some.library").warning(
+            "cannot reach %s", f"redis://tierpool-worker:{PASSWORD}@redis:6379/0"
+        )
+        try:
+            raise ConnectionError(f"refused by https://u:{PASSWORD}@cfg.example.com/t")
+        except ConnectionError:
+            logging.getLogger("x").exception("failed")
+        setup_logging(Settings(log_format="console"), stream=out)
+        logging.getLogger("y").info("url", extra={"url": f"http://u:{PASSWORD}@h/"})
+    finally:
+        setup_logging(Settings(), stream=io.StringIO())
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 3
+    assert leaks(lines) == []
+    assert "tierpool-worker:***@redis:6379" in out.getvalue()
+
+
+# --- the upstream URL ---------------------------------------------------------------------
+
+
+async def test_upstream_password_without_a_port_is_not_in_the_outcome(r: Redis) -> None:
+    """Regression: urllib's ``nonnumeric port: '<password>@host'`` reached the log."""
+    url = f"http://tpuser:{PASSWORD}@localhost/tiers"  # no port: nothing listens on 80
+    settings = Settings(namespace="t", tier_config_url=url)
+    cache = ConfigCache(r, KEYS, settings)
+    await cache.refresh()
+    result = await check_upstream(r, KEYS, settings, cache)
+    assert result.outcome == "unreachable", result
+    assert leaks([result.detail]) == [], result.detail
+    assert mask_url(url) == "http://tpuser:***@localhost/tiers"
+
+
+@pytest.fixture
+def basic_auth_upstream() -> Iterator[int]:
+    """A tier config service that answers only with the right basic-auth credentials."""
+    expected = "Basic " + base64.b64encode(f"tpuser:{PASSWORD}".encode()).decode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.headers.get("Authorization") == expected
+            body = b'{"gold": {"type": "exclusive", "target": 4}}' if ok else b""
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def pool(redis_url: str, tmp_path: Path) -> Iterator[WorkerPool]:
+    with WorkerPool(redis_url, tmp_path, env={"LOG_FORMAT": "json"}) as p:
+        yield p
+
+
+async def test_upstream_credentials_are_sent_as_basic_auth(
+    r: Redis, pool: WorkerPool, basic_auth_upstream: int
+) -> None:
+    """``https://user:pass@host/...`` works: the credentials go in an Authorization header."""
+    url = f"http://tpuser:{PASSWORD}@127.0.0.1:{basic_auth_upstream}/tiers"
+    (worker,) = await pool.start(r, 1, env={"TIER_CONFIG_URL": url})
+
+    async def applied() -> bool:
+        raw = await r.get(KEYS.config)
+        return raw is not None and '"target":4' in raw
+
+    await wait_for(applied, timeout_s=20)
+    assert leaks(worker.log_text().splitlines()) == []
+    assert "tpuser:***@127.0.0.1" in worker.log_text()
+
+
+# --- end to end: nothing a worker writes holds the password ------------------------------
+
+
+async def test_no_password_in_any_log_reply_event_or_dead_letter(
+    r: Redis, pool: WorkerPool
+) -> None:
+    """Regression: a credentialed endpoint was echoed in the reply, the log and the dead
+    letter, and a portless ``TIER_CONFIG_URL`` password reached the log."""
+    url = f"http://tpuser:{PASSWORD}@localhost/tiers"
+    (worker,) = await pool.start(r, 1, env={"TIER_CONFIG_URL": url})
+    await send(
+        r,
+        KEYS.pods_stream,
+        {
+            "event": "register",
+            "request_id": "reg-1",
+            "pod_id": "pod-1",
+            "endpoint": f"http://agent:{PASSWORD}@10.0.0.7:8080/ws",
+        },
+    )
+    await send(
+        r,
+        KEYS.request_stream("release"),
+        {"request_id": "rel-1", "call_id": f"wss://{PASSWORD}@10.0.0.7/"},
+    )
+    for rid in ("reg-1", "rel-1"):
+        got = await reply(r, rid)
+        assert got["status"] == "invalid", got
+    assert "http://agent:***@10.0.0.7:8080/ws" in (await reply(r, "reg-1"))["error"]
+
+    def upstream_tried() -> bool:
+        return "upstream tier config" in worker.log_text()
+
+    async def tried() -> bool:
+        return upstream_tried()
+
+    await wait_for(tried, timeout_s=20)
+    texts = await written_by_tierpool(r)
+    assert len(await r.xrange(KEYS.dead)) == 2
+    logged = worker.log_text().splitlines()
+    assert any("dead-lettered" in line for line in logged)
+    assert leaks(texts) == []
+    assert leaks(logged) == []
