@@ -168,7 +168,11 @@ async def test_upstream_credentials_are_sent_as_basic_auth(
         raw = await r.get(KEYS.config)
         return raw is not None and '"target":4' in raw
 
+    async def logged() -> bool:
+        return "applied as version" in worker.log_text()
+
     await wait_for(applied, timeout_s=20)
+    await wait_for(logged, timeout_s=20)
     assert leaks(worker.log_text().splitlines()) == []
     assert "tpuser:***@127.0.0.1" in worker.log_text()
 
@@ -203,11 +207,8 @@ async def test_no_password_in_any_log_reply_event_or_dead_letter(
         assert got["status"] == "invalid", got
     assert "http://agent:***@10.0.0.7:8080/ws" in (await reply(r, "reg-1"))["error"]
 
-    def upstream_tried() -> bool:
-        return "upstream tier config" in worker.log_text()
-
     async def tried() -> bool:
-        return upstream_tried()
+        return "upstream tier config" in worker.log_text()
 
     await wait_for(tried, timeout_s=20)
     texts = await written_by_tierpool(r)
