@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -56,9 +56,9 @@ async def written_by_tierpool(r: Redis, keys: Keys = KEYS) -> list[str]:
     """Every reply, event and dead letter in Redis, as text."""
     texts: list[str] = []
     async for key in r.scan_iter(match=keys.reply("*"), count=1000):
-        texts += [orjson.dumps(f).decode() for _, f in await r.xrange(key)]
+        texts += [msgspec.json.encode(f).decode() for _, f in await r.xrange(key)]
     for stream in (keys.events, keys.dead):
-        texts += [orjson.dumps(f).decode() for _, f in await r.xrange(stream)]
+        texts += [msgspec.json.encode(f).decode() for _, f in await r.xrange(stream)]
     return texts
 
 

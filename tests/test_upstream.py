@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import anyio
-import orjson
+import msgspec
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -145,7 +145,7 @@ def large_config(pools: int = 200) -> bytes:
         f"pool-{i:03d}-with-a-longer-name": {"type": "shared", "target": 3, "max_concurrent": 4}
         for i in range(pools)
     }
-    return orjson.dumps(doc)
+    return msgspec.json.encode(doc)
 
 
 async def test_an_upstream_config_over_16_kb_is_applied_once(
