@@ -52,12 +52,15 @@ from tierpool.core.errors import (
     RequestNotSent,
     RequestTimeout,
 )
+from tierpool.core.redisconn import server_name
 from tierpool.schemas import Reply, decode_reply
 
 log = logging.getLogger(__name__)
 
 _NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _KICK_RETRIES = 3
+FAKE_SERVER_BLOCK_MS = 20
+"""Block of each reply read where CLIENT UNBLOCK does nothing (fakeredis)."""
 _BACKOFF_BASE_S = 0.05
 _BACKOFF_CAP_S = 1.0
 _READ_TIMEOUT_MARGIN_S = 5.0
@@ -330,12 +333,26 @@ class Mux:
             self.stats.reconnects += 1
             await anyio.sleep(backoff_s(failures))
 
+    def _poll_instead_of_unblock(self) -> None:
+        """Capability check: a server whose ``CLIENT UNBLOCK`` does nothing.
+
+        fakeredis (``tierpool run`` without redis-server) answers it with 0
+        and never wakes the read, so a request whose reply stream the blocked
+        read does not list would wait for the whole block. Short blocks take
+        the place of the kick there; real Redis keeps the kick.
+        """
+        self.unblock = False
+        self.block_ms = min(self.block_ms, FAKE_SERVER_BLOCK_MS)
+        log.info("tierpool client: server is fakeredis; polling every %d ms", self.block_ms)
+
     async def _read_once(self) -> None:
         conn = self._reader_conn
         if not await _still_open(conn) or self._reader_id is None:
             await conn.connect()  # type: ignore[no-untyped-call]
             await conn.send_command("CLIENT", "ID", check_health=False)
             self._reader_id = int(await conn.read_response())
+            if self.unblock and await _server_is_fakeredis(conn):
+                self._poll_instead_of_unblock()
         deleting, self._to_delete = self._to_delete, []
         commands: list[list[Any]] = [["DEL", *deleting]] if deleting else []
         keys = list(self._waiters)
@@ -446,3 +463,13 @@ def _dedicated(redis: Redis, name: str, socket_timeout_s: float | None) -> Abstr
         kwargs["socket_timeout"] = socket_timeout_s or 30.0
     conn: AbstractConnection = pool.connection_class(**kwargs)
     return conn
+
+
+async def _server_is_fakeredis(conn: AbstractConnection) -> bool:
+    """Whether ``HELLO`` names the server fakeredis (Redis says ``redis``)."""
+    await conn.send_command("HELLO", check_health=False)
+    try:
+        answer = await conn.read_response()
+    except ResponseError:  # a server before HELLO (Redis < 6): a real one
+        return False
+    return server_name(answer) == "fakeredis"

@@ -258,3 +258,22 @@ def _via_sentinels(target: RedisTarget, options: dict[str, Any]) -> _Redis:
     assert isinstance(redis, _Redis)
     redis._sentinel = sentinel
     return redis
+
+
+def server_name(hello: object) -> str:
+    """The ``server`` field of a ``HELLO`` answer (RESP2 list or RESP3 map), or ``""``.
+
+    Redis answers ``redis``, fakeredis ``fakeredis``: the one capability check
+    tierpool needs, for the few commands fakeredis accepts but does not do.
+    """
+    if isinstance(hello, dict):
+        items = list(hello.items())
+    elif isinstance(hello, list | tuple):
+        items = list(zip(hello[::2], hello[1::2], strict=False))
+    else:
+        return ""
+    for key, value in items:
+        k = key.decode() if isinstance(key, bytes) else key
+        if k == "server":
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""

@@ -1,7 +1,13 @@
 """``tierpool run``: the whole system on one machine, with nothing to set up.
 
-Starts a private ``redis-server`` on a free port (or uses ``REDIS_URL`` when
-it is set), worker processes, a pod simulator, and a small load (callers that
+Where Redis comes from (``--backend auto``, the default): ``REDIS_URL`` when it
+is set; else a private ``redis-server`` on a free port when one is on PATH;
+else an in-process fakeredis server on a free port (``workers/fakeserver.py``:
+no root, no apt, for trying out only). On a ``REDIS_URL`` the run takes a
+namespace of its own (``run-XXXXXX``) and pod ids of its own, touches nothing
+else, and removes that namespace's keys at exit.
+
+Then it starts worker processes, a pod simulator, and a small load (callers that
 allocate a call, hold it a moment and release it), then prints one progress
 line a second (allocations/s, rejections/s, p50/p99 allocate latency, each
 pool's free/busy pods, active calls, the leader) until Ctrl-C, SIGTERM or
@@ -9,10 +15,13 @@ pool's free/busy pods, active calls, the leader) until Ctrl-C, SIGTERM or
 (releasing its calls), the pod simulator, the workers (SIGTERM, their
 graceful shutdown), Redis.
 
-Children run in their own sessions, so a Ctrl-C reaches only this process,
-which stops them in that order; their logs go to files in a temporary
-directory, kept (and named) when something failed. Each worker gets a free
-``METRICS_PORT``, printed at start, so its ``/metrics`` can be looked at.
+Children, the private redis-server included, run in their own sessions, so a
+Ctrl-C reaches only this process, which stops them in that order (a Redis
+that died with the terminal's Ctrl-C used to leave the pod simulator unable
+to drain); their logs go to files in a temporary directory, removed at exit
+unless something failed or ``--keep-logs`` is given (the start-up line says
+which). Each worker gets a free ``METRICS_PORT``, printed at start, so its
+``/metrics`` can be looked at.
 """
 
 from __future__ import annotations
@@ -20,12 +29,15 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import os
 import random
+import secrets
 import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
@@ -43,6 +55,7 @@ from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.workers import http
 from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from tierpool.workers.fakeserver import FakeRedisServer, FakeRedisUnavailable
 from tierpool.workers.gauges import ClusterView, read_view
 from tierpool.workers.redisproc import RedisNotInstalled, RedisProcess, free_port
 
@@ -78,6 +91,16 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         default=None,
         metavar="S",
         help="stop by itself after S seconds of load (default: until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "redis-server", "fakeredis"),
+        default="auto",
+        help="where Redis comes from when REDIS_URL is not set (default auto: "
+        "redis-server when on PATH, else fakeredis)",
+    )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the children's log files after exit"
     )
     parser.add_argument(
         "--interval",
@@ -160,8 +183,14 @@ def progress_line(
     interval_s: float,
     window: tuple[int, int, list[float]],
     view: ClusterView | None,
+    live_calls: int | None = None,
 ) -> str:
-    """One progress line: rates, allocate latency, live calls, pools, leader."""
+    """One progress line: rates, allocate latency, live calls, pools, leader.
+
+    ``live_calls`` is read now; the pool figures are the leader's last ones
+    (every couple of seconds), so the line says how old they are when they
+    are older than a progress interval rather than pass them off as current.
+    """
     allocated, rejected, latencies = window
     parts = [
         f"{elapsed_s:5.0f}s",
@@ -184,17 +213,24 @@ def progress_line(
             )
             or "no pods in any pool"
         )
-        parts += [f"calls {view.active_calls:3d}", pools, f"leader {view.leader_holder or 'none'}"]
+        age_s = max(0.0, (view.now_ms - view.gauges_at_ms) / 1000)
+        if age_s > interval_s:
+            pools = f"{pools} (pools as of {age_s:.1f}s ago)"
+        calls = view.active_calls if live_calls is None else live_calls
+        parts += [f"calls {calls:3d}", pools, f"leader {view.leader_holder or 'none'}"]
     return "  ".join(parts)
 
 
 class Embedded:
     """Runs and stops the children, the load and the progress display."""
 
-    def __init__(self, args: argparse.Namespace, settings: Settings, url: str) -> None:
+    def __init__(
+        self, args: argparse.Namespace, settings: Settings, url: str, *, pod_prefix: str = "sim"
+    ) -> None:
         self.args = args
         self.settings = settings
         self.url = url
+        self.pod_prefix = pod_prefix
         self.keys = Keys(settings.namespace)
         self.logdir = Path(tempfile.mkdtemp(prefix="tierpool-run-"))
         self.children: list[Child] = []
@@ -231,7 +267,7 @@ class Embedded:
             self.stopping.set()
 
     async def start_children(self, tg: TaskGroup) -> None:
-        env = {**os.environ, "REDIS_URL": self.url}
+        env = {**os.environ, "REDIS_URL": self.url, "TIERPOOL_NAMESPACE": self.keys.namespace}
         env.setdefault("LOG_FORMAT", "console")
         for i in range(1, self.args.workers + 1):
             port = free_port()
@@ -239,11 +275,20 @@ class Embedded:
                 f"worker-{i}", ["worker"], {**env, "METRICS_PORT": str(port)}, port
             )
             tg.start_soon(self.watch, child)
-        sim = await self.spawn("pod-sim", ["pod-sim", "--pods", str(self.args.pods)], env)
+        sim = await self.spawn(
+            "pod-sim",
+            ["pod-sim", "--pods", str(self.args.pods), "--prefix", self.pod_prefix],
+            env,
+        )
         tg.start_soon(self.watch, sim)
 
     async def wait_ready(self) -> bool:
-        """Every worker answers /readyz 200 and the pods registered (or we are stopping)."""
+        """Every worker answers /readyz 200, the pods registered, and the leader's
+        pool figures count them (or we are stopping).
+
+        Waiting for the figures keeps the first progress lines true: they
+        showed pools as the leader last computed them, before the pods came.
+        """
         workers = [c.metrics_port for c in self.children if c.metrics_port is not None]
         redis = connect(self.url, client_name="tierpool-run")
         try:
@@ -253,7 +298,10 @@ class Embedded:
                     with contextlib.suppress(OSError, RedisError):
                         pods = await redis.hlen(self.keys.pod_pool)
                         if all(s == 200 for s in statuses) and pods >= self.args.pods:
-                            return True
+                            view = await read_view(redis, self.keys)
+                            counted = sum(g.pods for g in view.pools.values())
+                            if view.gauges_at_ms is not None and counted >= self.args.pods:
+                                return True
                     await anyio.sleep(0.1)
                 return False
         finally:
@@ -278,7 +326,7 @@ class Embedded:
         n = 0
         while not self.stopping.is_set():
             n += 1
-            call_id = f"run-{os.getpid()}-{index}-{n}"
+            call_id = f"{self.pod_prefix}-call-{os.getpid()}-{index}-{n}"
             t0 = monotonic_s()
             try:
                 reply = await client.allocate(call_id)
@@ -306,15 +354,14 @@ class Embedded:
             while True:
                 await anyio.sleep(self.args.interval)
                 view: ClusterView | None
+                live: int | None = None
                 try:
                     view = await read_view(redis, self.keys)
+                    live = int(await redis.hlen(self.keys.calls))
                 except Exception:  # Redis gone for a moment: say so and go on
                     view = None
-                say(
-                    progress_line(
-                        monotonic_s() - started, self.args.interval, self.stats.take_window(), view
-                    )
-                )
+                window = self.stats.take_window()
+                say(progress_line(monotonic_s() - started, self.args.interval, window, view, live))
         finally:
             await redis.aclose()
 
@@ -370,21 +417,81 @@ async def _signals(emb: Embedded) -> None:
             emb.stopping.set()
 
 
-async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    redis_proc: RedisProcess | None = None
+FAKEREDIS_BANNER: Final = (
+    "{why}: using fakeredis, an in-process stand-in, on {url}.\n"
+    "  It is for trying tierpool out, NOT for production (no persistence, one process,\n"
+    "  slower). Install redis-server or set REDIS_URL for the real thing."
+)
+
+
+@dataclass
+class Backend:
+    """The Redis this run uses, and how to put it away."""
+
+    url: str
+    namespace: str
+    pod_prefix: str
+    close: Callable[[], None] | None = None
+    own_namespace_on_shared_redis: bool = False
+
+
+def start_backend(args: argparse.Namespace, settings: Settings) -> Backend:
+    """REDIS_URL, else a private redis-server, else fakeredis (``--backend`` may force one)."""
     url = os.environ.get("REDIS_URL", "").strip()
-    if not url:
+    if url:
+        tag = secrets.token_hex(3)
+        namespace = f"run-{tag}"
+        say(
+            f"using REDIS_URL={mask_url(url)}: this run's own namespace {namespace} and pods "
+            f"run-{tag}-*; nothing else is touched, and {namespace} is removed at exit"
+        )
+        return Backend(url, namespace, f"run-{tag}", own_namespace_on_shared_redis=True)
+    want = args.backend
+    if want in ("auto", "redis-server"):
         try:
-            redis_proc = RedisProcess()
-        except RedisNotInstalled as exc:
-            sys.stderr.write(f"tierpool run: {exc}\n")
-            return EXIT_FAILED
-        await anyio.to_thread.run_sync(redis_proc.start)
-        url = redis_proc.url
-        say(f"private Redis on {url} (data is lost at exit)")
-    else:
-        say(f"using REDIS_URL={mask_url(url)}")
-    emb = Embedded(args, settings, url)
+            proc = RedisProcess(new_session=True)
+        except RedisNotInstalled:
+            if want == "redis-server":
+                raise
+        else:
+            proc.start()
+            pid = proc.proc.pid if proc.proc else "?"
+            say(f"private Redis on {proc.url} (pid {pid}; data is lost at exit)")
+            return Backend(proc.url, settings.namespace, "sim", proc.close)
+    fake = FakeRedisServer()
+    fake.start()
+    why = "--backend fakeredis" if want == "fakeredis" else "no redis-server on PATH"
+    say(FAKEREDIS_BANNER.format(why=why, url=fake.url))
+    return Backend(fake.url, settings.namespace, "sim", fake.close)
+
+
+async def remove_namespace(url: str, keys: Keys) -> int:
+    """Delete every key of ``keys``' namespace (this run's own, on a shared Redis)."""
+    redis = connect(url, client_name="tierpool-run-cleanup")
+    removed = 0
+    try:
+        pattern = keys.prefix.replace("{", "\\{").replace("}", "\\}") + "*"
+        batch: list[str] = []
+        async for key in redis.scan_iter(match=pattern, count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += await redis.unlink(*batch)
+                batch = []
+        if batch:
+            removed += await redis.unlink(*batch)
+    finally:
+        await redis.aclose()
+    return removed
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        backend = await anyio.to_thread.run_sync(start_backend, args, settings)
+    except (RedisNotInstalled, FakeRedisUnavailable) as exc:
+        sys.stderr.write(f"tierpool run: {exc}\n")
+        return EXIT_FAILED
+    settings = dataclasses.replace(settings, namespace=backend.namespace)
+    emb = Embedded(args, settings, backend.url, pod_prefix=backend.pod_prefix)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_signals, emb)
@@ -396,7 +503,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                     else ""
                 )
                 say(f"started {child.name} (pid {child.process.pid}{port})")
-            say(f"logs in {emb.logdir}; waiting for the workers and {args.pods} pods...")
+            kept = "kept" if args.keep_logs else "removed at exit unless something fails"
+            say(f"logs in {emb.logdir} ({kept}); waiting for the workers and {args.pods} pods...")
             if await emb.wait_ready():
                 say(
                     "ready. Ctrl-C to stop"
@@ -410,8 +518,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         with anyio.CancelScope(shield=True):
             emb.stopping.set()
             await emb.stop_children()
-            if redis_proc is not None:
-                await anyio.to_thread.run_sync(redis_proc.close)
+            if backend.own_namespace_on_shared_redis:
+                with contextlib.suppress(OSError, RedisError):
+                    removed = await remove_namespace(backend.url, emb.keys)
+                    say(f"removed namespace {backend.namespace} ({removed} keys)")
+            if backend.close is not None:
+                await anyio.to_thread.run_sync(backend.close)
     s = emb.stats
     say(
         f"stopped. {s.allocated} allocated, {s.rejected} rejected, {s.failed} failed or "
@@ -421,7 +533,10 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     if emb.failure:
         say(f"failed: {emb.failure}; logs kept in {emb.logdir}")
         return EXIT_FAILED
-    shutil.rmtree(emb.logdir, ignore_errors=True)
+    if args.keep_logs:
+        say(f"logs kept in {emb.logdir}")
+    else:
+        shutil.rmtree(emb.logdir, ignore_errors=True)
     return EXIT_OK
 
 

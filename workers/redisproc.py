@@ -41,13 +41,22 @@ def free_port() -> int:
 class RedisProcess:
     """One private redis-server process. ``restart()`` keeps the port, loses the data."""
 
-    def __init__(self, port: int | None = None, *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        extra_args: tuple[str, ...] = (),
+        new_session: bool = False,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisNotInstalled()
         self.binary = binary
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.new_session = new_session
+        """Run in a session of its own, out of reach of the terminal's Ctrl-C (``tierpool
+        run`` stops it last, after the children that still need it)."""
         self._dir = tempfile.TemporaryDirectory(prefix="tierpool-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -77,7 +86,12 @@ class RedisProcess:
             str(Path(self._dir.name) / "redis.log"),
             *self.extra_args,
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=self.new_session,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
