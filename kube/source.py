@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -82,12 +83,14 @@ DRAIN_REASON = "kubernetes: pod not ready"
 ClientFactory = Callable[[], AsyncClient]
 
 
-def load_config() -> KubeConfig:
+def load_config(service_account: Path | None = None) -> KubeConfig:
     """In-cluster service account when present, else ``KUBECONFIG`` (or ``~/.kube/config``).
 
     Raises SettingsError when there is neither, so the worker stops at start.
     """
     try:
+        if service_account is not None:  # tests: another mount point
+            return KubeConfig.from_env(service_account=service_account)
         return KubeConfig.from_env()
     except (ConfigError, OSError, KeyError) as exc:
         raise SettingsError(
