@@ -21,6 +21,7 @@ from tierpool.core.snapshot import ConfigSnapshot, read_snapshot
 from tierpool.core.state import PoolState
 from tierpool.core.tierconfig import default_tier_config, parse_tier_config, to_json
 from tierpool.schemas import PodRegister
+from tierpool.workers.metrics import percentile
 
 TIER_MIXES: Final = ("exclusive", "shared", "mixed")
 SHARED_MAX_CONCURRENT: Final = 4
@@ -147,14 +148,6 @@ async def setup_namespace(redis: Redis, settings: Settings, mix: str, pods: int)
     return state
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0-1) of sorted values, nearest rank; NaN when empty."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
 @dataclass(frozen=True, slots=True)
 class Quantiles:
     n: int
@@ -165,14 +158,11 @@ class Quantiles:
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Quantiles:
-        s = sorted(values)
-        return cls(
-            len(s),
-            percentile(s, 0.5),
-            percentile(s, 0.99),
-            percentile(s, 0.999),
-            s[-1] if s else math.nan,
-        )
+        def q(x: float) -> float:
+            value = percentile(values, x)
+            return math.nan if value is None else value
+
+        return cls(len(values), q(0.5), q(0.99), q(0.999), max(values, default=math.nan))
 
 
 def _dumps(value: Mapping[str, Any]) -> str:

@@ -35,6 +35,7 @@ from tierpool.schemas import (
     ReleaseRequest,
     Reply,
     Request,
+    RequestKind,
     decode_pod_event,
     decode_request,
     encode,
@@ -48,7 +49,7 @@ __all__ = [
     "new_request_id",
 ]
 
-StreamKind = Literal["allocate", "release", "drain", "config", "pods"]
+StreamKind = RequestKind | Literal["pods"]
 PodEventMsg = PodRegister | PodHeartbeat | PodDeregister
 
 

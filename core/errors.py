@@ -1,12 +1,26 @@
-"""The errors tierpool raises. One base class; each says who raises it and why."""
+"""The errors tierpool raises. One base class; each says who raises it and why.
+
+``TierpoolError`` and ``InvalidMessage`` live in ``tierpool.schemas.errors``
+(the bottom layer, which imports nothing from ``core``) and are re-exported here.
+"""
 
 from __future__ import annotations
 
 from typing import TypeVar
 
+from tierpool.schemas.errors import InvalidMessage, TierpoolError
 
-class TierpoolError(Exception):
-    """Base of every error tierpool raises on purpose."""
+__all__ = [
+    "ClientClosed",
+    "InvalidMessage",
+    "RedisUnavailable",
+    "RequestNotSent",
+    "RequestTimeout",
+    "SettingsError",
+    "TierConfigError",
+    "TierpoolError",
+    "find_in_group",
+]
 
 
 class SettingsError(TierpoolError):
@@ -32,19 +46,6 @@ class TierConfigError(TierpoolError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("invalid tier config: " + "; ".join(self.problems))
-
-
-class InvalidMessage(TierpoolError):
-    """Raised by ``schemas`` when a stream entry is not a valid message.
-
-    ``request_id`` is the entry's request id when it was usable, so the
-    worker can still send an ``invalid`` reply; ``error`` names the field.
-    """
-
-    def __init__(self, error: str, request_id: str | None = None) -> None:
-        self.error = error
-        self.request_id = request_id
-        super().__init__(error)
 
 
 class RedisUnavailable(TierpoolError):

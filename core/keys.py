@@ -13,16 +13,15 @@ one key per pod, so that every script can name each key it touches in
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import cached_property
+
+from tierpool.schemas.fields import NAMESPACE_RE, NAMESPACE_RULE
+from tierpool.schemas.requests import REQUEST_KINDS
 
 GROUP = "tierpool"
 """Consumer group on every request stream and on the pods stream (contract)."""
 
-_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-
-REQUEST_KINDS = ("allocate", "release", "drain", "config")
 
 ANCHOR_CONFIG_KEY = "voice:tier:config"
 """smart-router's tier config key (no namespace). Read once, to adopt its
@@ -31,7 +30,7 @@ config when a namespace has none yet; never written."""
 
 def valid_namespace(ns: str) -> bool:
     """Whether ``ns`` may name a namespace (no braces: it sits inside a hash tag)."""
-    return _NAMESPACE_RE.fullmatch(ns) is not None  # "$" would let "x\n" through
+    return NAMESPACE_RE.match(ns) is not None
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class Keys:
 
     def __post_init__(self) -> None:
         if not valid_namespace(self.namespace):
-            raise ValueError(f"namespace {self.namespace!r} must be 1-64 chars of [A-Za-z0-9._:-]")
+            raise ValueError(f"namespace {self.namespace!r} must be {NAMESPACE_RULE}")
 
     @cached_property
     def prefix(self) -> str:

@@ -37,7 +37,6 @@ Everything here is pure: no Redis, no clock, no I/O.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any, Final, Literal
@@ -45,6 +44,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from tierpool.core.errors import TierConfigError
+from tierpool.schemas.fields import NAME_RE, NAME_RULE
 
 TierType = Literal["exclusive", "shared"]
 Zone = Literal["restricted", "open"]
@@ -63,7 +63,6 @@ MAX_TIERS: Final = 256
 MIN_CAPABILITY: Final = 1
 MAX_CAPABILITY: Final = 5
 
-_TIER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _STRUCTURED_KEYS: Final = ("tiers", "default_chain", "version")
 _SPEC_KEYS: Final = ("type", "target", "max_concurrent", "zone", "capability")
 
@@ -459,10 +458,8 @@ def _tier_problems(
     """Every rule a normalised tier must keep; shared by parsing and ``Tier()``."""
     label = f"tier {name!r}"
     problems: list[str] = []
-    if not isinstance(name, str) or not _TIER_NAME.fullmatch(name):
-        problems.append(
-            f"{label}: name must be 1-64 chars of [A-Za-z0-9._-] (tier names go into Redis keys)"
-        )
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        problems.append(f"{label}: name must be {NAME_RULE} (tier names go into Redis keys)")
     if type_ not in TIER_TYPES:
         problems.append(f"{label}: unknown type {type_!r} (expected exclusive or shared)")
     if target < 0:

@@ -5,6 +5,7 @@ Import from here; the submodules are an implementation detail:
 ``flat`` the codec, ``messages`` the decode/encode functions.
 """
 
+from tierpool.schemas.errors import InvalidMessage
 from tierpool.schemas.messages import (
     decode_pod_event,
     decode_reply,
@@ -15,6 +16,7 @@ from tierpool.schemas.messages import (
 from tierpool.schemas.pods import PodDeregister, PodEvent, PodHeartbeat, PodRegister
 from tierpool.schemas.replies import Reason, Reply, Status
 from tierpool.schemas.requests import (
+    REQUEST_KINDS,
     AllocateRequest,
     ConfigRequest,
     DrainRequest,
@@ -25,9 +27,11 @@ from tierpool.schemas.requests import (
 )
 
 __all__ = [
+    "REQUEST_KINDS",
     "AllocateRequest",
     "ConfigRequest",
     "DrainRequest",
+    "InvalidMessage",
     "MerchantPolicy",
     "PodDeregister",
     "PodEvent",

@@ -45,7 +45,12 @@ IDENT_RE: Final = re.compile(IDENT_PATTERN)
 IDENT_RULE: Final = "1-128 chars of [A-Za-z0-9._:-]"
 
 NAME_PATTERN: Final = r"\A[A-Za-z0-9._-]{1,64}\Z"
+NAME_RE: Final = re.compile(NAME_PATTERN)
 NAME_RULE: Final = "1-64 chars of [A-Za-z0-9._-]"
+
+NAMESPACE_RE: Final = re.compile(r"\A[A-Za-z0-9._:-]{1,64}\Z")
+NAMESPACE_RULE: Final = "1-64 chars of [A-Za-z0-9._:-]"
+"""A namespace sits inside the ``tp:{NS}:`` hash tag of every key: no braces."""
 
 # Free text may hold any character except U+FFFD (what redis-py puts where
 # the bytes were not UTF-8: the producer's text is already lost) and lone

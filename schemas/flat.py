@@ -23,7 +23,7 @@ from typing import Any, Generic, Literal, TypeVar, get_origin
 import msgspec
 from msgspec import Struct
 
-from tierpool.core.errors import InvalidMessage
+from tierpool.schemas.errors import InvalidMessage
 from tierpool.schemas.explain import (
     bad_value,
     describe,

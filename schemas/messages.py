@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from tierpool.core.errors import InvalidMessage
+from tierpool.schemas.errors import InvalidMessage
 from tierpool.schemas.explain import bad_value, size_problem, usable_request_id
 from tierpool.schemas.fields import MAX_CONFIG_BYTES, first_duplicate
 from tierpool.schemas.flat import FlatCodec

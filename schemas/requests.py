@@ -112,3 +112,6 @@ REQUEST_TYPES: dict[RequestKind, type[Request]] = {
     "config": ConfigRequest,
 }
 """The message type carried by each request stream."""
+
+REQUEST_KINDS: tuple[RequestKind, ...] = tuple(REQUEST_TYPES)
+"""The request streams, in the order workers read them: the one list of kinds."""

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tierpool.workers.embedded import LoadStats, percentile, progress_line
+from tierpool.workers.embedded import LoadStats, progress_line
 from tierpool.workers.gauges import ClusterView, PoolGauges
+from tierpool.workers.metrics import percentile
 
 
 def _gone(pid: int) -> bool:

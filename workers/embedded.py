@@ -57,6 +57,7 @@ from tierpool.workers import http
 from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from tierpool.workers.fakeserver import FakeRedisServer, FakeRedisUnavailable
 from tierpool.workers.gauges import ClusterView, read_view
+from tierpool.workers.metrics import percentile
 from tierpool.workers.redisproc import RedisNotInstalled, RedisProcess, free_port
 
 READY_TIMEOUT_S: Final = 60.0
@@ -165,13 +166,6 @@ class LoadStats:
         self.window_allocated = self.window_rejected = 0
         self.window = []
         return out
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _ms(value: float | None) -> str:

@@ -22,7 +22,8 @@ zombies_recovered -> reaped_total{what=...}.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -218,3 +219,17 @@ def export_pools(pools: Iterable[str]) -> None:
     for pool in pools:
         allocations_total.labels(pool, "allocated")
         releases_total.labels(pool)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q`` quantile (0-1) of ``values`` by nearest rank: the smallest value
+    with at least ``q`` of all values at or below it. ``None`` when empty.
+
+    The one quantile of measured samples (``tierpool run``'s progress line,
+    ``tierpool bench``), so their p50 and p99 mean the same.
+    """
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]

@@ -16,15 +16,16 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from tierpool.core.clock import monotonic_s, now_ms
 from tierpool.core.errors import InvalidMessage
-from tierpool.core.keys import GROUP, REQUEST_KINDS
+from tierpool.core.keys import GROUP
 from tierpool.core.scripts import run_calls
 from tierpool.core.state import Entry, Message, Outcome
-from tierpool.schemas import RequestKind, decode_pod_event, decode_request
-from tierpool.schemas.fields import IDENT_RE, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
+from tierpool.schemas import REQUEST_KINDS, decode_pod_event, decode_request
+from tierpool.schemas.explain import usable_request_id
+from tierpool.schemas.fields import MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
 from tierpool.workers import metrics
 from tierpool.workers.context import WorkerContext
 from tierpool.workers.streams import (
@@ -38,12 +39,6 @@ log = logging.getLogger(__name__)
 
 DEAD_VALUE_CHARS: Final = 1024
 """An oversized entry is kept in the dead-letter stream with values cut to this length."""
-
-
-def usable_request_id(fields: Mapping[str, str]) -> str | None:
-    """The entry's request_id when valid, so a dead letter can still be answered."""
-    rid = fields.get("request_id")
-    return rid if isinstance(rid, str) and IDENT_RE.match(rid) else None
 
 
 def dead_fields(fields: Mapping[str, str]) -> dict[str, str]:
@@ -119,9 +114,7 @@ class Processor:
             ctx.keys.pods_stream: decode_pod_event
         }
         for kind in REQUEST_KINDS:
-            self._decoders[ctx.keys.request_stream(kind)] = partial(
-                decode_request, cast(RequestKind, kind)
-            )
+            self._decoders[ctx.keys.request_stream(kind)] = partial(decode_request, kind)
 
     def decode(self, d: Delivery) -> Message:
         """The message of an entry; raises InvalidMessage for a bad one."""

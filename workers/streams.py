@@ -33,7 +33,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tierpool.core.clock import monotonic_s
-from tierpool.core.keys import GROUP, REQUEST_KINDS, Keys
+from tierpool.core.keys import GROUP, Keys
+from tierpool.schemas import REQUEST_KINDS
 from tierpool.workers.context import Health
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def is_nogroup(exc: BaseException) -> bool:
 
 def stream_kinds(keys: Keys) -> dict[str, str]:
     """Input stream key -> short kind (``allocate``... and ``pods``), for decoding and labels."""
-    kinds = {keys.request_stream(kind): kind for kind in REQUEST_KINDS}
+    kinds: dict[str, str] = {keys.request_stream(kind): kind for kind in REQUEST_KINDS}
     kinds[keys.pods_stream] = "pods"
     return kinds
 

@@ -11,7 +11,6 @@ without a round trip. ``validate`` never touches Redis.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -277,9 +276,9 @@ def build_policy(args: argparse.Namespace) -> tuple[MerchantPolicy, list[str]]:
 
 
 def valid_name(name: str) -> bool:
-    from tierpool.schemas.fields import NAME_PATTERN
+    from tierpool.schemas.fields import NAME_RE
 
-    return re.fullmatch(NAME_PATTERN, name) is not None
+    return NAME_RE.match(name) is not None
 
 
 async def _merchant_change(ops: Ops) -> int:
