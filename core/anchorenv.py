@@ -56,7 +56,11 @@ ANCHOR_VARIABLES: Final[tuple[AnchorVariable, ...]] = (
         "gateway",
         "a worker's stop grace is TIERPOOL_SHUTDOWN_GRACE",
     ),
-    AnchorVariable("METRICS_PORT", "all"),
+    AnchorVariable(
+        "METRICS_PORT",
+        "worker",
+        "the gateway serves its metrics on HTTP_PORT at /api/v1/metrics",
+    ),
     AnchorVariable("VOICE_AGENT_BASE_URL", "worker"),
     AnchorVariable(
         "NAMESPACE",
@@ -64,7 +68,7 @@ ANCHOR_VARIABLES: Final[tuple[AnchorVariable, ...]] = (
         "it is the Kubernetes namespace to watch; tierpool's Redis namespace is TIERPOOL_NAMESPACE",
     ),
     AnchorVariable("POD_LABEL_SELECTOR", "kubernetes"),
-    AnchorVariable("POD_NAME", "all"),
+    AnchorVariable("POD_NAME", "worker", "the gateway never leads, so it needs no identity"),
     AnchorVariable("CLEANUP_INTERVAL", "worker"),
     AnchorVariable("LEASE_TTL", "worker"),
     AnchorVariable("DRAINING_TTL", "worker"),

@@ -195,6 +195,7 @@ async def serve(settings: Settings, port: int | None = None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from tierpool.core.anchorenv import unused_variable_warnings
     from tierpool.core.errors import SettingsError
     from tierpool.workers.logs import bind as bind_fields
     from tierpool.workers.logs import setup_logging
@@ -208,6 +209,8 @@ def main(args: argparse.Namespace) -> int:
     bind_fields(component="gateway", namespace=settings.namespace)
     for name in unknown_tierpool_variables():
         log.warning("unknown variable %s ignored (a typo?)", name)
+    for text in unused_variable_warnings("gateway"):  # smart-router's, named once each
+        log.warning(text)
     try:
         anyio.run(serve, settings, getattr(args, "port", None))
     except RedisAway as exc:
