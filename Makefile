@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check lint typecheck bench install redis-server
+.PHONY: run test check lint typecheck bench install redis-server up
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,8 +17,13 @@ install: $(BIN)/python
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || ./scripts/install-redis
 
-run: install redis-server
+run: install
 	$(BIN)/tierpool run
+
+# The Procfile's processes (Redis, 3 workers, simulated pods) under honcho.
+up: install redis-server
+	$(BIN)/python -m pip install -q honcho
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho start -c worker=3
 
 test: install redis-server
 	$(BIN)/ruff check .

@@ -52,6 +52,7 @@ from tierpool.core.errors import (
     RequestNotSent,
     RequestTimeout,
 )
+from tierpool.core.logutil import LogLimit
 from tierpool.core.redisconn import server_name
 from tierpool.schemas import Reply, decode_reply
 
@@ -142,6 +143,8 @@ class Mux:
         self._kick_tries = 0
         self._tg: TaskGroup | None = None
         self._closed = False
+        self._redis_log = LogLimit(log, "Redis connection warnings", per_window=2, window_s=10.0)
+        """Reconnect attempts repeat every few hundred ms while Redis is away."""
         self.clock_offset_ms = 0
         """Redis's clock minus ours (``TIME``, at each connect): deadlines are in Redis time."""
 
@@ -242,7 +245,8 @@ class Mux:
                 self._outbox[:0] = batch
                 failures += 1
                 self.stats.reconnects += 1
-                log.warning("tierpool client cannot reach Redis to send: %s", exc)
+                if self._redis_log.allow():
+                    log.warning("tierpool client cannot reach Redis to send: %s", exc)
                 await anyio.sleep(backoff_s(failures))
                 continue
             failures = 0
@@ -291,7 +295,8 @@ class Mux:
             # Sent, or partly: each request may have reached Redis, so each keeps
             # waiting for its reply (and times out if none comes).
             await conn.disconnect(nowait=True)
-            log.warning("tierpool client lost Redis sending %d requests: %s", len(batch), exc)
+            if self._redis_log.allow():
+                log.warning("tierpool client lost Redis sending %d requests: %s", len(batch), exc)
             for p in batch:
                 if p.reply_key is None:
                     p.resolve(error=RedisUnavailable("the event may not have been written", exc))
@@ -324,7 +329,8 @@ class Mux:
                 failures = 0
                 continue
             except _NETWORK_ERRORS as exc:
-                log.warning("tierpool client reply reader lost Redis: %s", exc)
+                if self._redis_log.allow():
+                    log.warning("tierpool client reply reader lost Redis: %s", exc)
             except Exception:  # a bug, not Redis: log it and keep reading
                 log.exception("tierpool client reply reader failed")
             self._reader_id = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Final
 
 import anyio
 from anyio.abc import TaskStatus
@@ -32,6 +33,11 @@ from tierpool.schemas import PodDeregister, PodHeartbeat, PodRegister, Reply
 from tierpool.schemas.fields import PodZone
 
 log = logging.getLogger(__name__)
+
+STOP_REQUEST_S: Final = 1.0
+"""Beyond the grace period, time for shutdown's deregister to be answered."""
+MIN_STOP_REQUEST_S: Final = 0.2
+"""Even past the budget, each shutdown request gets this long (it is sent, at least)."""
 
 
 class PodAgent:
@@ -75,6 +81,8 @@ class PodAgent:
         self._wake = anyio.Event()  # set once, when the heartbeat loop must stop
         self._calls_changed = anyio.Event()
         self._done = anyio.Event()
+        self._stop_by: float | None = None
+        """Monotonic time by which shutdown's own requests must be answered or given up."""
 
     # --- the application's side ----------------------------------------------------
     def call_started(self, call_id: str) -> None:
@@ -113,11 +121,16 @@ class PodAgent:
         """Drain, wait up to ``grace_s`` for the calls to end, deregister.
 
         Heartbeats go on meanwhile (re-draining each time). Returns when the
-        pod has deregistered; safe to call twice.
+        pod has deregistered, or gave up on it: the drain and deregister
+        requests share the grace period (plus :data:`STOP_REQUEST_S`) instead
+        of each waiting out the client's timeout, so a pod whose Redis is
+        already gone stops within its grace (a supervisor such as honcho
+        kills what outlives its own few seconds). Safe to call twice.
         """
         if self.draining:
             await self._done.wait()
             return
+        self._stop_by = monotonic_s() + grace_s + STOP_REQUEST_S
         self.draining = True
         if self._running and self.pool is not None:
             await self._drain()
@@ -182,9 +195,17 @@ class PodAgent:
             )
             await self._register()
 
+    def _stop_timeout(self) -> float | None:
+        """While stopping, what is left of the shutdown's budget; else the client's default."""
+        if self._stop_by is None:
+            return None
+        return max(MIN_STOP_REQUEST_S, self._stop_by - monotonic_s())
+
     async def _drain(self, *, again: bool = True) -> None:
         try:
-            reply = await self.client.drain(self.pod_id, reason="pod shutting down")
+            reply = await self.client.drain(
+                self.pod_id, reason="pod shutting down", timeout_s=self._stop_timeout()
+            )
         except (RequestTimeout, RedisUnavailable) as exc:
             log.warning("pod %s: drain %s", self.pod_id, exc)
             return
@@ -192,7 +213,7 @@ class PodAgent:
             await self._register()  # Redis forgot the pod; it drains again once registered
 
     async def _deregister(self) -> None:
-        reply = await self._send(PodDeregister(pod_id=self.pod_id))
+        reply = await self._send(PodDeregister(pod_id=self.pod_id), timeout_s=self._stop_timeout())
         if reply is not None:
             log.info("pod %s deregistered (%s)", self.pod_id, reply.status)
         self.pool = None

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
 
-from tierpool.core.clock import monotonic_s, now_ms
+from tierpool.core.clock import now_ms
 from tierpool.core.errors import InvalidMessage
 from tierpool.core.keys import GROUP
+from tierpool.core.logutil import LogLimit
 from tierpool.core.scripts import run_calls
 from tierpool.core.state import Entry, Message, Outcome
 from tierpool.schemas import REQUEST_KINDS, decode_pod_event, decode_request
@@ -71,33 +72,6 @@ class _Bad:
     reason: str  # metric label: invalid | too_many_deliveries | internal_error
 
 
-class LogLimit:
-    """At most ``per_s`` lines a second; the rest are counted and summed up in one line
-    when the next one is logged.
-
-    A producer sending junk at full speed must not turn into as many log lines
-    (the dead-letter stream and ``dead_letters_total`` keep the full count).
-    """
-
-    def __init__(self, per_s: int = 10) -> None:
-        self.per_s = per_s
-        self._window = -1
-        self._used = 0
-        self._dropped = 0
-
-    def allow(self) -> bool:
-        window = int(monotonic_s())
-        if window != self._window:
-            if self._dropped:
-                log.warning("%d more dead letters not logged", self._dropped)
-            self._window, self._used, self._dropped = window, 0, 0
-        self._used += 1
-        if self._used > self.per_s:
-            self._dropped += 1
-            return False
-        return True
-
-
 class Processor:
     """Turns a batch of deliveries into state changes, replies and dead letters.
 
@@ -109,7 +83,7 @@ class Processor:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.kinds = stream_kinds(ctx.keys)
-        self._log_limit = LogLimit()
+        self._log_limit = LogLimit(log, "dead letters")
         self._decoders: dict[str, Callable[[Mapping[str, str]], Any]] = {
             ctx.keys.pods_stream: decode_pod_event
         }
