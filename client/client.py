@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from tierpool.client.mux import Mux, MuxStats
 from tierpool.core.clock import now_ms
-from tierpool.core.errors import ClientClosed, InvalidMessage, RequestNotSent
+from tierpool.core.errors import ClientClosed, InvalidMessage, ReplyMismatch, RequestNotSent
 from tierpool.core.keys import Keys
 from tierpool.core.redisconn import RedisTarget, connect
 from tierpool.schemas import (
@@ -43,6 +43,7 @@ from tierpool.schemas import (
 
 __all__ = [
     "ClientClosed",
+    "ReplyMismatch",
     "RequestNotSent",
     "StreamKind",
     "TierpoolClient",
@@ -345,6 +346,7 @@ class TierpoolClient:
             self._timeout(timeout_s),
         )
         assert reply is not None
+        _check_reply(kind, msg, reply)
         return reply
 
     def deadline_ms(self, within_s: float) -> int:
@@ -353,6 +355,29 @@ class TierpoolClient:
 
     def _timeout(self, timeout_s: float | None) -> float:
         return self.default_timeout_s if timeout_s is None else timeout_s
+
+
+def _check_reply(kind: StreamKind, msg: Request | PodEventMsg, reply: Reply) -> None:
+    """Refuse a reply that does not answer ``msg`` (contract v1.1: every reply
+    carries ``kind`` and echoes the request's ``call_id`` / ``pod_id``).
+
+    A reused request id makes a request read another one's reply; a producer
+    with write access to reply keys could forge one. Either way the caller
+    must not act on it (e.g. send a call to a pod it was never given).
+    """
+    expected = "pod" if kind == "pods" else kind
+    problems: list[str] = []
+    if reply.request_id != msg.request_id:
+        problems.append(f"request_id {reply.request_id!r}")
+    if reply.kind != expected:
+        problems.append(f"kind {reply.kind!r}, expected {expected!r}")
+    if isinstance(msg, AllocateRequest | ReleaseRequest) and reply.call_id != msg.call_id:
+        problems.append(f"call_id {reply.call_id!r}, expected {msg.call_id!r}")
+    subject = msg if isinstance(msg, DrainRequest | PodEventMsg) else None
+    if subject is not None and reply.pod_id != subject.pod_id:
+        problems.append(f"pod_id {reply.pod_id!r}, expected {subject.pod_id!r}")
+    if problems:
+        raise ReplyMismatch(msg.request_id or "", "; ".join(problems))
 
 
 def _validate(kind: StreamKind, fields: Mapping[str, str]) -> None:

@@ -117,3 +117,21 @@ class LeadershipLost(TierpoolError):
         self.token = token
         self.holder = holder
         super().__init__(f"leader lease is held by {holder or 'nobody'}, not {token}")
+
+
+class ReplyMismatch(TierpoolError):
+    """Raised by the client when the reply on its request's reply stream is not
+    the answer to that request: another kind, another call or pod, another
+    request id, or no ``kind`` at all.
+
+    Either the request id was in use (the worker dead-lettered this request
+    as ``request_id in use`` and the reply is the other request's), or
+    someone with write access to reply keys forged or misrouted it. Nothing
+    in it may be trusted; the request itself did not take effect in the
+    first case, and may have in the second.
+    """
+
+    def __init__(self, request_id: str, problem: str) -> None:
+        self.request_id = request_id
+        self.problem = problem
+        super().__init__(f"the reply to {request_id} is not this request's: {problem}")

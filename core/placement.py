@@ -7,6 +7,7 @@ script then checks the snapshot is current and does the atomic part.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tierpool.core.snapshot import ConfigSnapshot, dedicated_pools
@@ -16,25 +17,50 @@ from tierpool.schemas import AllocateRequest
 
 @dataclass(frozen=True, slots=True)
 class Reason:
+    """One filter that excludes one pool (contract v1.1: every one is named).
+
+    ``pool``, ``required_zone`` and ``required_capability`` are the
+    structured part a program can act on; ``detail`` and
+    ``suggested_action`` are for people, and the action must really help.
+    """
+
     filter: str
     detail: str
     suggested_action: str
+    pool: str | None = None
+    required_zone: str | None = None
+    required_capability: int | None = None
 
-    def as_dict(self) -> dict[str, str]:
-        return {
+    def as_dict(self) -> dict[str, str | int]:
+        out: dict[str, str | int] = {
             "filter": self.filter,
             "detail": self.detail,
             "suggested_action": self.suggested_action,
         }
+        if self.pool is not None:
+            out["pool"] = self.pool
+        if self.required_zone is not None:
+            out["required_zone"] = self.required_zone
+        if self.required_capability is not None:
+            out["required_capability"] = self.required_capability
+        return out
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """The pools to try, in order, and the reasons others were left out."""
+    """The pools to try, in order, and the reasons others were left out.
+
+    ``widen``: pools outside the chain that ``tier_mode=flexible`` would add
+    (empty when the request is already flexible); the allocate script names
+    them in a rejection only when one of them really has a free pod, so
+    "use tier_mode=flexible" is never suggested when it would not help.
+    """
 
     candidates: tuple[str, ...]
     zone: str  # "restricted" | "any"
     excluded: tuple[Reason, ...]
+    min_capability: int = 1
+    widen: tuple[str, ...] = ()
 
 
 def place(req: AllocateRequest, snap: ConfigSnapshot) -> Placement:
@@ -44,8 +70,12 @@ def place(req: AllocateRequest, snap: ConfigSnapshot) -> Placement:
     when set (an empty list means "the dedicated pool only", unlike the
     anchor where it meant the default chain), else the request's ``chain``,
     else the default chain; then, in flexible mode, every other pool that
-    meets zone and capability. Dedicated pools of other merchants are never
-    tried, nor dedicated pools nobody owns.
+    meets zone and capability. A dedicated pool (a tier outside the default
+    chain) is tried only for the merchant whose policy names it: never for
+    a request without ``merchant_id``, never for another merchant, and by
+    nobody while no policy names it (contract v1.1). The allocate script
+    checks the same against the stored policy, so a placement bug cannot
+    undo it.
     """
     cfg = snap.config
     policy = snap.merchants.get(req.merchant_id) if req.merchant_id else None
@@ -65,16 +95,24 @@ def place(req: AllocateRequest, snap: ConfigSnapshot) -> Placement:
         order.extend(req.chain)
     else:
         order.extend(cfg.default_chain)
-    widen_from = len(order)
-    if req.tier_mode == "flexible":
-        order.extend(cfg.pools)
+    flexible = req.tier_mode == "flexible"
 
     dedicated = dedicated_pools(cfg)
     owners = snap.pool_owners
+
+    def usable(name: str) -> bool:
+        """Not a dedicated pool, or this request's merchant's own."""
+        return name not in dedicated or (
+            req.merchant_id is not None and owners.get(name) == req.merchant_id
+        )
+
+    qualifying = [n for n in cfg.pools if usable(n) and cfg.tier(n).capability >= min_cap]
+    in_order = set(order)
+    widen = tuple(n for n in qualifying if n not in in_order)
     seen: set[str] = set()
     candidates: list[str] = []
     excluded: list[Reason] = []
-    for position, name in enumerate(order):
+    for name in order:
         if name in seen:
             continue
         seen.add(name)
@@ -85,35 +123,76 @@ def place(req: AllocateRequest, snap: ConfigSnapshot) -> Placement:
                     "config",
                     f"pool {name} is not configured",
                     f"add tier {name} to the tier config or fix the chain",
+                    pool=name,
                 )
             )
             continue
-        if name in dedicated and owners.get(name) != req.merchant_id:
-            if position >= widen_from:
-                continue  # flexible mode never widens into a dedicated pool: not a reason
-            owner = owners.get(name)
-            excluded.append(
-                Reason(
-                    "merchant",
-                    f"pool {name} is dedicated to "
-                    + (f"merchant {owner}" if owner else "a merchant pool no merchant owns"),
-                    "remove it from the chain, or set this merchant's policy pool to it",
-                )
-            )
-            continue
+        reasons: list[Reason] = []
+        if not usable(name):
+            reasons.append(_dedicated_reason(name, owners.get(name), cfg.default_chain))
         if tier.capability < min_cap:
-            if position >= widen_from:
-                continue
-            excluded.append(
-                Reason(
-                    "capability",
-                    f"pool {name} has capability {tier.capability} < required {min_cap}",
-                    f"use tier_mode=flexible or add a pool of capability >= {min_cap}",
-                )
+            reasons.append(
+                _capability_reason(name, tier.capability, min_cap, qualifying, widen, flexible)
             )
-            continue
-        candidates.append(name)
-    return Placement(tuple(candidates), zone, tuple(excluded))
+        if reasons:
+            excluded.extend(reasons)
+        else:
+            candidates.append(name)
+    if flexible:
+        # Widening adds only pools that qualify: those left out are not reasons.
+        candidates.extend(n for n in widen if n not in seen)
+    return Placement(
+        tuple(candidates),
+        zone,
+        tuple(excluded),
+        min_cap,
+        () if flexible else widen,
+    )
+
+
+def _dedicated_reason(name: str, owner: str | None, default_chain: Sequence[str]) -> Reason:
+    if owner is None:
+        return Reason(
+            "merchant",
+            f"pool {name} is a dedicated pool (not in default_chain) that no merchant "
+            "policy names: it serves nobody",
+            f"set a merchant policy with pool {name} and send that merchant_id, "
+            "or use the default chain",
+            pool=name,
+        )
+    chain = ", ".join(default_chain) or "none configured"
+    return Reason(
+        "merchant",
+        f"pool {name} is dedicated to merchant {owner}: it serves only that merchant's requests",
+        f"use pools of the default chain ({chain}), or your merchant's own dedicated pool",
+        pool=name,
+    )
+
+
+def _capability_reason(
+    name: str,
+    capability: int,
+    required: int,
+    qualifying: Sequence[str],
+    widen: Sequence[str],
+    flexible: bool,
+) -> Reason:
+    detail = (
+        f"pool {name} is a capability-{capability} tier, below the required {required}; "
+        "a pool's capability is its tier's, so a pod of higher capability in it "
+        "does not qualify the pool"
+    )
+    lower = f"ask for min_capability <= {capability} to use pool {name}"
+    if not qualifying:
+        action = f"add a tier of capability >= {required} to the tier config, or {lower}"
+    elif widen and not flexible:
+        action = (
+            f"use tier_mode=flexible or put a pool of capability >= {required} in the chain "
+            f"({', '.join(widen)}), or {lower}"
+        )
+    else:
+        action = f"{lower} (pools {', '.join(qualifying)} qualify and are tried)"
+    return Reason("capability", detail, action, pool=name, required_capability=required)
 
 
 def join_candidates(

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from tierpool.core.keys import Keys
+from tierpool.core.snapshot import dedicated_pools
 from tierpool.core.tierconfig import TierConfig
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -91,6 +92,7 @@ PRELUDE_KEYS: tuple[tuple[str, str], ...] = (
     ("calls", "calls"),
     ("leases", "leases"),
     ("leader", "leader"),
+    ("dead", "dead"),
 )
 """KEYS[1..]: (the prelude's ``K`` field, the :class:`Keys` attribute it holds).
 The first two vary per call (the source stream and the reply stream)."""
@@ -107,10 +109,14 @@ PRELUDE_ARGS = (
     "pod_ttl",
     "lease_ttl",
     "draining_ttl",
+    "dead_max",
+    "kind",
+    "echo_field",
+    "echo_value",
 )
 """ARGV[1..]: the prelude's ``H`` fields, in order; the pool table follows."""
 
-POOL_ARGS = ("name", "max", "zone", "cap")
+POOL_ARGS = ("name", "max", "zone", "cap", "dedicated")
 """Per pool, after the pool count: its ARGV fields, in order."""
 POOL_KEYS = ("open", "restricted")
 """Per pool, after the header keys: its free-index KEYS, in order."""
@@ -130,10 +136,17 @@ class PoolTable:
             return cls((), ("0",))
         ks: list[str] = []
         args: list[str] = [str(len(cfg.pools))]
+        dedicated = dedicated_pools(cfg)
         for name in cfg.pools:
             tier = cfg.tier(name)
             ks += [keys.pool_free(name, zone) for zone in POOL_KEYS]
-            args += [name, str(tier.max_concurrent), tier.zone, str(tier.capability)]
+            args += [
+                name,
+                str(tier.max_concurrent),
+                tier.zone,
+                str(tier.capability),
+                "1" if name in dedicated else "0",
+            ]
         return cls(tuple(ks), tuple(args))
 
 
@@ -149,11 +162,17 @@ class CallBuilder:
         pod_ttl_ms: int,
         lease_ttl_ms: int,
         draining_ttl_ms: int,
+        dead_maxlen: int,
     ) -> None:
         self.keys = keys
         self._fixed_keys = tuple(getattr(keys, attr) for _, attr in PRELUDE_KEYS[2:])
         self._limits = (str(reply_ttl_ms), str(events_maxlen))
-        self._ttls = (str(pod_ttl_ms), str(lease_ttl_ms), str(draining_ttl_ms))
+        self._ttls = (
+            str(pod_ttl_ms),
+            str(lease_ttl_ms),
+            str(draining_ttl_ms),
+            str(dead_maxlen),
+        )
 
     def call(
         self,
@@ -168,13 +187,18 @@ class CallBuilder:
         deadline_ms: int | None = None,
         want_cfgv: int | None = None,
         want_mv: int | None = None,
+        kind: str = "",
+        echo: tuple[str, str] = ("", ""),
         extra_keys: Sequence[str] = (),
     ) -> Call:
         """One call of ``core/lua/{name}.lua``.
 
         ``stream``: the entry's stream (default: the events stream, which no
         entry is checked in); ``None`` for ``entry_id``, ``request_id``,
-        ``now_ms`` (Redis TIME), ``deadline_ms`` or a version guard means "none".
+        ``now_ms`` (Redis TIME), ``deadline_ms`` or a version guard means "none"
+        (``deadline_ms=0`` is a deadline long past, contract v1.1). ``kind`` and
+        ``echo`` (a field name and value, ``call_id`` or ``pod_id``) go into
+        the reply, so a requester can check a reply is its own (v1.1).
         Script keys follow the pool table's keys; script args follow its args.
         """
         keys = (
@@ -188,11 +212,13 @@ class CallBuilder:
             "" if now_ms is None else str(now_ms),
             entry_id or "",
             request_id or "",
-            str(deadline_ms) if deadline_ms else "",
+            "" if deadline_ms is None else str(deadline_ms),
             *self._limits,
             "" if want_cfgv is None else str(want_cfgv),
             "" if want_mv is None else str(want_mv),
             *self._ttls,
+            kind,
+            *echo,
         )
         return Call(script(name), keys, (*header, *table.args, *args))
 

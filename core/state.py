@@ -10,7 +10,7 @@ snapshot and resent, so no allocation is ever made on an old config.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from tierpool.core import placement
 from tierpool.core.errors import TierConfigError
-from tierpool.core.keys import Keys
+from tierpool.core.keys import REQUEST_KINDS, Keys
 from tierpool.core.masking import mask_text
 from tierpool.core.scripts import Call, CallBuilder, PoolTable, run_calls
 from tierpool.core.settings import Settings
@@ -29,11 +29,14 @@ from tierpool.schemas import (
     ConfigRequest,
     DrainRequest,
     PodDeregister,
+    PodEvent,
     PodHeartbeat,
     PodRegister,
     ReleaseRequest,
     encode,
+    request_kind,
 )
+from tierpool.schemas.fields import IDENT_RE
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +75,26 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class _Origin:
-    """Who asked: the entry (for exactly-once), the reply key and the deadline."""
+    """Who asked: the entry (for exactly-once), the reply key and the deadline,
+    and what the reply answers (its kind, and the call_id or pod_id it echoes)."""
 
     entry: Entry | None
     request_id: str | None
     deadline_ms: int | None
     now_ms: int | None
+    kind: str = ""
+    echo: tuple[str, str] = ("", "")
+
+
+_ECHOED = {"allocate": "call_id", "release": "call_id", "drain": "pod_id", "pod": "pod_id"}
+"""The subject field a reply of each kind echoes (contract v1.1); config has none."""
+
+
+def reply_subject(msg: Message) -> tuple[str, tuple[str, str]]:
+    """The reply ``kind`` of a message and the subject field its reply echoes."""
+    kind = "pod" if isinstance(msg, PodEvent) else request_kind(msg)
+    field = _ECHOED.get(kind)
+    return kind, (field, str(getattr(msg, field))) if field else ("", "")
 
 
 class PoolState:
@@ -97,6 +114,7 @@ class PoolState:
             pod_ttl_ms=settings.pod_ttl_ms,
             lease_ttl_ms=settings.lease_ttl_ms,
             draining_ttl_ms=settings.draining_ttl_ms,
+            dead_maxlen=settings.dead_maxlen,
         )
         self.on_stale_retry: Callable[[int], object] = lambda n: None
         """Told how many calls of a batch are resent after a ``stale`` (a metric)."""
@@ -141,6 +159,8 @@ class PoolState:
             deadline_ms=origin.deadline_ms,
             want_cfgv=snap.version,
             want_mv=snap.merchants_version if guard_merchants else None,
+            kind=origin.kind,
+            echo=origin.echo,
             extra_keys=extra_keys,
         )
 
@@ -154,7 +174,8 @@ class PoolState:
         """The script call for one message, or an ``invalid`` Outcome when the
         message is well-formed but cannot apply to this snapshot (a config
         that fails validation, a policy naming an unknown pool)."""
-        common = _Origin(entry, msg.request_id, msg.deadline_ms, now_ms)
+        kind, echo = reply_subject(msg)
+        common = _Origin(entry, msg.request_id, msg.deadline_ms, now_ms, kind, echo)
         if isinstance(msg, AllocateRequest):
             plan = placement.place(msg, snap)
             prefix, suffix = placement.session_url_parts(
@@ -172,10 +193,14 @@ class PoolState:
                     prefix,
                     suffix,
                     reasons,
+                    str(plan.min_capability),
+                    str(len(plan.widen)),
+                    *plan.widen,
                     str(len(plan.candidates)),
                     *plan.candidates,
                 ),
                 guard_merchants=True,
+                extra_keys=(self.keys.merchants,),
             )
         if isinstance(msg, ReleaseRequest):
             return self._call("release", snap, common, (msg.call_id, msg.reason or ""))
@@ -358,7 +383,8 @@ class PoolState:
         payload = msgspec.json.encode(
             {mask_text(k): mask_text(v) for k, v in fields.items()}
         ).decode()
-        config_reply = entry is not None and entry.stream == self.keys.request_stream("config")
+        kind, echo = self._reject_subject(entry, fields)
+        config_reply = kind == "config"
         return self.calls.call(
             "reject",
             PoolTable.of(self.keys, None),
@@ -375,8 +401,26 @@ class PoolState:
             now_ms=now_ms,
             want_cfgv=None if decided_with is None else decided_with.version,
             want_mv=None if decided_with is None else decided_with.merchants_version,
+            kind=kind,
+            echo=echo,
             extra_keys=(self.keys.dead,),
         )
+
+    def _reject_subject(
+        self, entry: Entry | None, fields: Mapping[str, str]
+    ) -> tuple[str, tuple[str, str]]:
+        """What an ``invalid`` reply answers: the kind of the entry's stream, and
+        its call_id or pod_id when that is a valid identifier (junk is not echoed)."""
+        stream = entry.stream if entry else ""
+        kind = "pod" if stream == self.keys.pods_stream else ""
+        for name in REQUEST_KINDS:
+            if stream == self.keys.request_stream(name):
+                kind = name
+        field = _ECHOED.get(kind, "")
+        value = fields.get(field, "") if field else ""
+        if not (isinstance(value, str) and IDENT_RE.match(value)):
+            return kind, ("", "")
+        return kind, (field, value)
 
 
 def merchant_policy_problems(merchant_id: str, policy: object, snap: ConfigSnapshot) -> list[str]:

@@ -14,7 +14,7 @@ from tierpool.schemas.messages import (
     request_kind,
 )
 from tierpool.schemas.pods import PodDeregister, PodEvent, PodHeartbeat, PodRegister
-from tierpool.schemas.replies import Reason, Reply, Status
+from tierpool.schemas.replies import Reason, Reply, ReplyKind, Status
 from tierpool.schemas.requests import (
     REQUEST_KINDS,
     AllocateRequest,
@@ -40,6 +40,7 @@ __all__ = [
     "Reason",
     "ReleaseRequest",
     "Reply",
+    "ReplyKind",
     "Request",
     "RequestKind",
     "Status",

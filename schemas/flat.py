@@ -103,7 +103,9 @@ class FlatCodec(Generic[T]):
     ``decode`` does no more than the checks the message needs.
     ``not_on_wire`` names Struct fields derived from others (never read from
     an entry, never written); ``check`` adds rules that span fields;
-    ``value_limits`` lets named fields exceed ``MAX_VALUE_BYTES``.
+    ``value_limits`` lets named fields exceed ``MAX_VALUE_BYTES``. A field
+    in ``empty_is_absent`` that is present but empty reads as absent (the
+    contract: an empty ``deadline_ms`` means no deadline, as a missing one).
     """
 
     def __init__(
@@ -113,8 +115,10 @@ class FlatCodec(Generic[T]):
         not_on_wire: tuple[str, ...] = (),
         check: Callable[[T], list[str]] | None = None,
         value_limits: Mapping[str, int] | None = None,
+        empty_is_absent: tuple[str, ...] = (),
     ) -> None:
         self.cls = cls
+        self._empty_is_absent = empty_is_absent
         self._check = check
         self._value_limits = dict(value_limits or {})
         self._not_on_wire = not_on_wire
@@ -154,6 +158,9 @@ class FlatCodec(Generic[T]):
     def decode(self, fields: Mapping[str, str]) -> T:
         """The message in ``fields``; raises InvalidMessage naming every bad field."""
         entry: dict[str, Any] = fields if type(fields) is dict else dict(fields)
+        for name in self._empty_is_absent:
+            if entry.get(name) == "":
+                entry = {k: v for k, v in entry.items() if k != name}
         msg = self._fast(entry)
         if msg is None:
             raise InvalidMessage(

@@ -100,17 +100,20 @@ def _config_problems(msg: ConfigRequest) -> list[str]:
     return problems
 
 
-_ALLOCATE = FlatCodec(AllocateRequest, check=_allocate_problems)
-_RELEASE = FlatCodec(ReleaseRequest)
-_DRAIN = FlatCodec(DrainRequest)
+# Only an absent or empty deadline_ms means "no deadline"; 0 is long past (v1.1).
+_NO_DEADLINE = ("deadline_ms",)
+_ALLOCATE = FlatCodec(AllocateRequest, check=_allocate_problems, empty_is_absent=_NO_DEADLINE)
+_RELEASE = FlatCodec(ReleaseRequest, empty_is_absent=_NO_DEADLINE)
+_DRAIN = FlatCodec(DrainRequest, empty_is_absent=_NO_DEADLINE)
 _CONFIG = FlatCodec(
     ConfigRequest,
     not_on_wire=("remove_merchant",),
     value_limits={"config": MAX_CONFIG_BYTES},  # a whole tier config, not a request field
+    empty_is_absent=_NO_DEADLINE,
 )
 _REPLY = FlatCodec(Reply)
 _POD_CODECS: dict[str, FlatCodec[Any]] = {
-    tag: FlatCodec(cls) for tag, cls in POD_EVENT_TYPES.items()
+    tag: FlatCodec(cls, empty_is_absent=_NO_DEADLINE) for tag, cls in POD_EVENT_TYPES.items()
 }
 _REQUEST_CODECS: dict[str, FlatCodec[Any]] = {
     "allocate": _ALLOCATE,

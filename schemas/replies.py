@@ -32,18 +32,35 @@ Status = Literal[
 
 
 class Reason(Struct, frozen=True, kw_only=True):
-    """Why one filter turned a request down, and what the producer could do about it."""
+    """Why one filter turned a request down, and what the producer could do about it.
+
+    One reason per pool and filter that excludes it (v1.1); ``pool``,
+    ``required_zone`` and ``required_capability`` are set where they apply.
+    """
 
     filter: str
     detail: str
     suggested_action: str
+    pool: str | None = None
+    required_zone: str | None = None
+    required_capability: int | None = None
+
+
+ReplyKind = Literal["allocate", "release", "drain", "config", "pod"]
 
 
 class Reply(Struct, frozen=True, kw_only=True):
-    """The answer to one request or pod event."""
+    """The answer to one request or pod event.
+
+    ``kind`` and the echoed ``call_id`` / ``pod_id`` (v1.1) say which request
+    a reply answers, so a requester can refuse one that is not its own. On
+    ``allocated``, ``pod_id`` is the pod the call was placed on.
+    """
 
     request_id: Ident
     status: Status
+    kind: ReplyKind | None = None
+    call_id: Ident | None = None
     pod_id: Ident | None = None
     pool: Name | None = None
     endpoint: str | None = None

@@ -264,6 +264,18 @@ def test_encode_writes_the_contract_forms() -> None:
     assert "remove_merchant" not in removal
 
 
+def test_empty_deadline_is_none_and_zero_is_a_deadline() -> None:
+    """Contract v1.1: only an absent or empty deadline_ms means "no deadline";
+    ``0`` is a deadline long past, kept as 0 (the state layer expires it)."""
+    for decode, entry in (
+        (lambda e: decode_request("allocate", e), allocate()),
+        (lambda e: decode_request("release", e), {"request_id": "r1", "call_id": "c1"}),
+        (decode_pod_event, {"event": "heartbeat", "request_id": "r1", "pod_id": "p1"}),
+    ):
+        assert decode({**entry, "deadline_ms": ""}).deadline_ms is None
+        assert decode({**entry, "deadline_ms": "0"}).deadline_ms == 0
+
+
 def test_typical_allocate_decodes_with_defaults() -> None:
     msg = decode_request("allocate", allocate(chain='["gold", "silver"]', deadline_ms="17"))
     assert msg == AllocateRequest(
@@ -366,7 +378,6 @@ def test_encode_refuses_non_messages() -> None:
         (allocate(deadline_ms="1e12"), "deadline_ms: must be a non-negative integer"),
         (allocate(deadline_ms="-1"), "deadline_ms: must be a non-negative integer"),
         (allocate(deadline_ms=str(2**53)), "deadline_ms: must be a non-negative integer"),
-        (allocate(deadline_ms=""), "deadline_ms: must be a non-negative integer"),
         (allocate(zone="open"), "zone: must be one of 'restricted', 'any', got 'open'"),
         (allocate(tier_mode="STRICT"), "tier_mode: must be one of 'strict', 'flexible'"),
         (allocate(call_id="a b"), "call_id: must be 1-128 chars of [A-Za-z0-9._:-], got 'a b'"),

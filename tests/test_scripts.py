@@ -69,6 +69,7 @@ def test_a_built_call_puts_each_value_where_the_prelude_reads_it() -> None:
         pod_ttl_ms=13,
         lease_ttl_ms=14,
         draining_ttl_ms=15,
+        dead_maxlen=16,
     )
     cfg = parse_tier_config('{"gold": {"target": 1, "zone": "restricted", "capability": 3}}')
     table = PoolTable.of(KEYS, cfg)
@@ -83,6 +84,8 @@ def test_a_built_call_puts_each_value_where_the_prelude_reads_it() -> None:
         deadline_ms=8,
         want_cfgv=9,
         want_mv=10,
+        kind="release",
+        echo=("call_id", "c9"),
         extra_keys=("x0",),
     )
     k = _fields("K", "KEYS")
@@ -105,10 +108,14 @@ def test_a_built_call_puts_each_value_where_the_prelude_reads_it() -> None:
         "pod_ttl": "13",
         "lease_ttl": "14",
         "draining_ttl": "15",
+        "dead_max": "16",
+        "kind": "release",
+        "echo_field": "call_id",
+        "echo_value": "c9",
     }
     assert {name: call.args[i - 1] for name, i in h.items()} == expected_args
     n = len(PRELUDE_ARGS)
-    assert call.args[n:] == ("1", "gold", "1", "restricted", "3", "a0", "a1")
+    assert call.args[n:] == ("1", "gold", "1", "restricted", "3", "0", "a0", "a1")
     assert call.keys[len(PRELUDE_KEYS) :] == (
         KEYS.pool_free("gold", "open"),
         KEYS.pool_free("gold", "restricted"),

@@ -7,16 +7,19 @@
 --   2 reply stream   3 events   4 config:version   5 merchants:version
 --   6 pod:pool  7 pod:endpoint  8 pod:zone  9 pod:capability  10 pod:labels
 --   11 pod:load 12 pod:calls   13 pod:seen  14 pod:draining   15 pool:count
---   16 calls    17 leases      18 leader
---   19.. pool table: per configured pool i (0-based), KEYS[19+2i] free:open
---        and KEYS[20+2i] free:restricted
+--   16 calls    17 leases      18 leader    19 dead letters
+--   20.. pool table: per configured pool i (0-based), KEYS[20+2i] free:open
+--        and KEYS[21+2i] free:restricted
 -- Fixed ARGV layout:
 --   1 now_ms ("" = Redis TIME)  2 entry_id ("" = not from a stream)
---   3 request_id ("" = no reply)  4 deadline_ms ("" = none)  5 reply_ttl_ms
---   6 events_maxlen  7 config_version guard ("" = none)
+--   3 request_id ("" = no reply)  4 deadline_ms ("" = none; 0 is long past)
+--   5 reply_ttl_ms  6 events_maxlen  7 config_version guard ("" = none)
 --   8 merchants_version guard ("" = none)  9 pod_ttl_ms  10 lease_ttl_ms
---   11 draining_ttl_ms  12 n pools, then 4 per pool: name, max_concurrent,
---   zone (restricted|open), capability; script arguments follow (ARGV[ARG0..]),
+--   11 draining_ttl_ms  12 dead_maxlen  13 reply kind (allocate, release,
+--   drain, config, pod)  14 the subject field the reply echoes (call_id,
+--   pod_id; "" = none)  15 its value  16 n pools, then 5 per pool: name,
+--   max_concurrent, zone (restricted|open), capability, dedicated ("1": the
+--   tier is outside default_chain); script arguments follow (ARGV[ARG0..]),
 --   and script keys follow the pool table (KEYS[KEY0..]).
 --
 -- Free-index invariant kept by every script: a pod is in
@@ -32,7 +35,7 @@ local K = {
   pool = KEYS[6], endpoint = KEYS[7], zone = KEYS[8], cap = KEYS[9],
   labels = KEYS[10], load = KEYS[11], pcalls = KEYS[12], seen = KEYS[13],
   draining = KEYS[14], count = KEYS[15], calls = KEYS[16], leases = KEYS[17],
-  leader = KEYS[18],
+  leader = KEYS[18], dead = KEYS[19],
 }
 
 local function clock(arg)
@@ -43,36 +46,43 @@ end
 
 local H = {
   now = clock(ARGV[1]), entry = ARGV[2], rid = ARGV[3],
-  deadline = tonumber(ARGV[4]) or 0, reply_ttl = ARGV[5], events_max = ARGV[6],
+  deadline = tonumber(ARGV[4]), reply_ttl = ARGV[5], events_max = ARGV[6],
   want_cfgv = ARGV[7], want_mv = ARGV[8],
   pod_ttl = tonumber(ARGV[9]), lease_ttl = tonumber(ARGV[10]),
-  draining_ttl = tonumber(ARGV[11]),
+  draining_ttl = tonumber(ARGV[11]), dead_max = ARGV[12],
+  kind = ARGV[13], echo_field = ARGV[14], echo_value = ARGV[15],
 }
 
--- The pool table: P[name] = {name, max, zone, cap, open = key, restricted = key}.
+-- The pool table: P[name] = {name, max, zone, cap, dedicated, open = key,
+-- restricted = key}.
 local P, POOLS = {}, {}
 do
-  local n = tonumber(ARGV[12])
+  local n = tonumber(ARGV[16])
   for i = 0, n - 1 do
     local p = {
-      name = ARGV[13 + 4 * i], max = tonumber(ARGV[14 + 4 * i]),
-      zone = ARGV[15 + 4 * i], cap = tonumber(ARGV[16 + 4 * i]),
-      open = KEYS[19 + 2 * i], restricted = KEYS[20 + 2 * i],
+      name = ARGV[17 + 5 * i], max = tonumber(ARGV[18 + 5 * i]),
+      zone = ARGV[19 + 5 * i], cap = tonumber(ARGV[20 + 5 * i]),
+      dedicated = ARGV[21 + 5 * i] == '1',
+      open = KEYS[20 + 2 * i], restricted = KEYS[21 + 2 * i],
     }
     P[p.name] = p
     POOLS[i + 1] = p
   end
 end
 -- The script's own part: its first ARGV and its first KEYS (after the pool table).
-local ARG0 = 13 + 4 * #POOLS
-local KEY0 = 19 + 2 * #POOLS
+local ARG0 = 17 + 5 * #POOLS
+local KEY0 = 20 + 2 * #POOLS
 
 local function int(x) return string.format('%d', x) end
 
--- Step 1, exactly once: an entry no longer pending was processed by another delivery.
+-- Step 1, exactly once: an entry no longer pending was processed by another
+-- delivery. Returns false, or the number of deliveries so far (1 when the
+-- call is not for a stream entry).
 local function still_pending()
-  if H.entry == '' then return true end
-  return #redis.call('XPENDING', K.stream, GROUP, H.entry, H.entry, 1) > 0
+  if H.entry == '' then return 1 end
+  local p = redis.call('XPENDING', K.stream, GROUP, H.entry, H.entry, 1)
+  if #p == 0 then return false end
+  return p[1][4]
 end
 
 local function ack()
@@ -80,9 +90,16 @@ local function ack()
 end
 
 -- The reply stream holds exactly one entry: a second delivery never adds one.
+-- Every reply says what it answers (v1.1): the request's kind, and its
+-- call_id or pod_id, so a requester can tell a reply that is not its own.
 local function reply(status, fields)
   if H.rid == '' or redis.call('EXISTS', K.reply) == 1 then return end
-  local args = {'XADD', K.reply, '*', 'request_id', H.rid, 'status', status}
+  local args = {'XADD', K.reply, '*', 'request_id', H.rid, 'status', status, 'kind', H.kind}
+  local echo = H.echo_field ~= '' and H.echo_value ~= ''
+  for i = 1, #fields, 2 do
+    if fields[i] == H.echo_field then echo = false end
+  end
+  if echo then args[#args + 1] = H.echo_field; args[#args + 1] = H.echo_value end
   for i = 1, #fields do args[#args + 1] = fields[i] end
   redis.call(unpack(args))
   redis.call('PEXPIRE', K.reply, H.reply_ttl)
@@ -130,10 +147,39 @@ local function stale()
   return nil
 end
 
+-- Dead-letter the entry being processed, with the reason, and ack it: no
+-- reply is written (``reply`` never overwrites one). The dead letter holds
+-- the entry's fields, read back from its stream.
+local function dead_letter(err, deliveries)
+  local fields = {}
+  if H.entry ~= '' then
+    local e = redis.call('XRANGE', K.stream, H.entry, H.entry)
+    if #e > 0 then
+      local kv = e[1][2]
+      for i = 1, #kv, 2 do fields[kv[i]] = kv[i + 1] end
+    end
+  end
+  redis.call('XADD', K.dead, 'MAXLEN', '~', H.dead_max, '*',
+    'stream', K.stream, 'entry_id', H.entry, 'request_id', H.rid, 'error', err,
+    'fields', cjson.encode(fields), 'deliveries', tostring(deliveries), 'at_ms', int(H.now))
+  ack()
+end
+
+-- A request whose request_id already has a reply (unread) takes no effect
+-- (v1.1): its sender would read the other request's reply. It is
+-- dead-lettered and the existing reply stands. A redelivery of the request
+-- that wrote that reply never gets here: that entry is no longer pending.
+local RID_IN_USE = 'request_id in use'
+
 -- Steps 1-3 of every request script. Returns a result to return at once, or nil.
 local function begin()
-  if not still_pending() then return {'dup'} end
-  if H.deadline > 0 and H.now > H.deadline then
+  local deliveries = still_pending()
+  if not deliveries then return {'dup'} end
+  if H.rid ~= '' and redis.call('EXISTS', K.reply) == 1 then
+    dead_letter(RID_IN_USE, deliveries)
+    return {'invalid', 'error', RID_IN_USE}
+  end
+  if H.deadline ~= nil and H.now > H.deadline then
     return finish('expired', config_fields({'error', 'deadline_ms ' .. int(H.deadline) ..
       ' passed (now ' .. int(H.now) .. '); nothing was changed'}))
   end
