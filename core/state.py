@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from tierpool.core import placement
 from tierpool.core.errors import TierConfigError
-from tierpool.core.keys import REQUEST_KINDS, Keys
+from tierpool.core.keys import Keys
 from tierpool.core.masking import mask_text
 from tierpool.core.scripts import Call, CallBuilder, PoolTable, run_calls
 from tierpool.core.settings import Settings
@@ -37,6 +37,7 @@ from tierpool.schemas import (
     request_kind,
 )
 from tierpool.schemas.fields import IDENT_RE
+from tierpool.schemas.requests import REQUEST_KINDS
 
 log = logging.getLogger(__name__)
 
