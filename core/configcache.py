@@ -41,7 +41,6 @@ from contextlib import asynccontextmanager, suppress
 from typing import Protocol
 
 import anyio
-import msgspec
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -102,10 +101,11 @@ async def bootstrap(redis: Redis, keys: Keys, config: TierConfig, after_version:
 def describe(snap: ConfigSnapshot) -> str:
     """A snapshot for logs. Policies are re-encoded from their schema, never copied
     from Redis, so nothing but ``MerchantPolicy``'s four fields is ever printed."""
-    policies = {m: msgspec.json.decode(msgspec.json.encode(p)) for m, p in snap.merchants.items()}
+    count = len(snap.merchants)
     return (
         f"config version {snap.version} (pools {', '.join(snap.config.pools)}), "
-        f"merchants version {snap.merchants_version} {policies}"
+        f"merchants version {snap.merchants_version} ({count} "
+        f"polic{'y' if count == 1 else 'ies'}; `tierpool merchant get` lists them)"
     )
 
 
@@ -199,6 +199,8 @@ class ConfigCache:
             snap = await read_snapshot(self.redis, self.keys, self._env)
             if snap is None:
                 snap = await self._bootstrap()
+            elif not self._loaded:
+                self._say_if_env_ignored(snap)
             if self._loaded:
                 why = _older(snap, self._snap)
                 if why is not None:
@@ -231,6 +233,26 @@ class ConfigCache:
     async def wait_for_version(self, version: int, timeout_s: float) -> ConfigSnapshot:
         """The snapshot once this cache serves config ``version`` or newer (tests, bench)."""
         return await self.wait_until(lambda s: s.version >= version, timeout_s)
+
+    def _say_if_env_ignored(self, snap: ConfigSnapshot) -> None:
+        """At start: say so when ``TIER_CONFIG`` is set but Redis already holds a config.
+
+        Only the first worker of a namespace writes ``TIER_CONFIG``; after that
+        the config lives in Redis and changes through ``tierpool config set``.
+        An operator who edits the variable and restarts would otherwise
+        wonder why nothing changed.
+        """
+        if not self.settings.tier_config_raw.strip():
+            return
+        same = to_json(snap.config.with_version(0)) == to_json(self._env.with_version(0))
+        if not same:
+            log.warning(
+                "TIER_CONFIG is set but ignored: %s already holds config version %d, which "
+                "differs from it (the variable only seeds a new namespace; change the live "
+                "config with `tierpool config set`)",
+                self.keys.config,
+                snap.version,
+            )
 
     async def _bootstrap(self) -> ConfigSnapshot:
         after = self._snap.version if self._loaded else 0

@@ -407,7 +407,11 @@ async def test_secrets_are_never_stored_nor_logged(
         )
         assert secret not in dump or key == KEYS.merchants
     assert all(secret not in rec.getMessage() for rec in caplog.records)
-    assert any("'m1': {'pool': 'vip'}" in rec.getMessage() for rec in caplog.records)
+    # Policies are counted in the log, never printed (issue 14.15).
+    assert any(
+        "merchants version" in rec.getMessage() and "1 policy" in rec.getMessage()
+        for rec in caplog.records
+    )
 
 
 # --- the version guard ------------------------------------------------------------
@@ -448,3 +452,26 @@ async def test_a_stale_workers_allocation_is_refused_and_it_refreshes(
         )
         assert refreshes == [2]  # refused once as stale, then run on version 2
         assert await r.hget(KEYS.pod_pool, "p0") == ""
+
+
+async def test_start_says_when_tier_config_is_ignored_and_keeps_policies_out(
+    caches: CacheFactory, r: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (issue 14.15): nothing said that TIER_CONFIG was ignored because
+    Redis already held a config, and the start-up line printed every merchant
+    policy (a namespace may hold thousands)."""
+    first = await caches()
+    await first.refresh()
+    await r.hset(KEYS.merchants, "m-secretive", '{"zone":"restricted"}')
+    await r.incr(KEYS.merchants_version)
+    with caplog.at_level(logging.INFO, "tierpool.core.configcache"):
+        same = await caches()
+        await same.refresh()
+        assert "ignored" not in caplog.text  # same content: nothing to say
+        other = await caches({"TIER_CONFIG": '{"silver": {"type": "exclusive"}}'})
+        snap = await other.refresh()
+    assert snap.config.pools == ("gold",)
+    (warning,) = [r for r in caplog.records if "TIER_CONFIG is set but ignored" in r.message]
+    assert "tierpool config set" in warning.message and KEYS.config in warning.message
+    serving = [r.message for r in caplog.records if r.message.startswith("serving")]
+    assert serving and all("m-secretive" not in m and "1 policy" in m for m in serving)

@@ -106,9 +106,10 @@ class Outage:
             self.since = monotonic_s()
             self._delay = BACKOFF_FIRST_S
             log.warning(
-                "Redis unavailable (%s: %s); retrying until it answers",
+                "Redis unavailable (%s: %s: %s); retrying until it answers",
                 where,
-                exc or type(exc).__name__,
+                type(exc).__name__,
+                exc,
             )
         if self.health is not None:
             self.health.redis_ok = False
