@@ -17,6 +17,9 @@ target is met. Parts, in the order they run:
 5. ``memory``: worker RSS and Redis memory once ``--requests`` requests went
    through (the parts above count towards it).
 6. ``failover``: SIGKILL the leader; seconds until a new leader serves.
+7. ``client`` (only when named in ``--only``): allocate round trips at low
+   load of the client's read modes (CLIENT UNBLOCK, polling) against a bare
+   redis-py producer (``bench/clientmodes.py``).
 
 CPU per allocation (Redis, workers, clients) is measured alongside each
 throughput figure: on a small machine every process competes for the same
@@ -41,7 +44,7 @@ import anyio
 import msgspec
 import redis as syncredis
 
-from tierpool.bench import e2e, raw, scenarios
+from tierpool.bench import clientmodes, e2e, raw, scenarios
 from tierpool.bench.cluster import Cluster
 from tierpool.bench.common import (
     TIER_MIXES,
@@ -53,7 +56,8 @@ from tierpool.bench.common import (
 from tierpool.bench.meters import CpuMeter, Sampler
 from tierpool.core.redisconn import connect
 
-PARTS = ("raw", "e2e", "latency", "propagation", "memory", "failover")
+DEFAULT_PARTS = ("raw", "e2e", "latency", "propagation", "memory", "failover")
+PARTS = (*DEFAULT_PARTS, "client")
 RAW_NAMESPACE = "benchraw"
 TARGETS = {
     "e2e_ratio": 0.5,
@@ -90,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
     parser.add_argument(
         "--only",
-        default=",".join(PARTS),
-        help=f"comma-separated parts to run, of {','.join(PARTS)}",
+        default=",".join(DEFAULT_PARTS),
+        help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all but client)",
     )
     parser.add_argument(
         "--json",
@@ -355,6 +359,19 @@ def run_latency(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
     }
 
 
+def run_client(run: Run, cluster: Cluster) -> None:
+    async def go() -> dict[str, Quantiles]:
+        async with connect(cluster.url) as r:
+            return await clientmodes.measure(cluster.url, cluster.namespace, r)
+
+    rows = anyio.run(go)
+    for label, q in rows.items():
+        _progress(f"client round trip, {label}: p50 {_ms(q.p50)} p99 {_ms(q.p99)}")
+    run.results["client"] = {
+        label: {"n": q.n, "p50_s": q.p50, "p99_s": q.p99} for label, q in rows.items()
+    }
+
+
 def run_propagation(run: Run, cluster: Cluster) -> None:
     a = run.args
     res = anyio.run(scenarios.propagation, cluster, a.tiers, a.pods, a.changes)
@@ -477,6 +494,8 @@ def main(args: argparse.Namespace) -> int:
                 run_propagation(run, cluster)
             if "memory" in parts:
                 run_memory(run, cluster, r)
+            if "client" in parts:
+                run_client(run, cluster)
             if "failover" in parts:
                 run_failover(run, cluster)
         finally:

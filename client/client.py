@@ -62,9 +62,9 @@ def new_request_id() -> str:
 class TierpoolClient:
     """An asyncio client of one tierpool namespace.
 
-    Use it as an async context manager (``async with TierpoolClient(...) as c``)
-    or call :meth:`start` and :meth:`aclose` from one task: its reply reader
-    and request writer run in a task group the client owns. Share one client
+    Use it as an async context manager (``async with TierpoolClient(...) as c``),
+    entered once: its reply reader and request writer run in a task group
+    that lives as long as the block. Share one client
     between all the tasks of a process: concurrent requests are batched over
     two connections of its own (``redis`` only lends its settings).
 
@@ -124,7 +124,7 @@ class TierpoolClient:
     def from_url(
         cls, url: str | RedisTarget, *, namespace: str = "default", **kwargs: Any
     ) -> TierpoolClient:
-        """A client with its own Redis settings from ``url``; :meth:`aclose` closes them.
+        """A client with its own Redis settings from ``url``; leaving ``async with`` closes them.
 
         ``url`` may be a :class:`~tierpool.core.redisconn.RedisTarget`
         (``Settings.from_env().redis_target``) to reach Redis through Sentinels.
@@ -139,23 +139,16 @@ class TierpoolClient:
         return self.mux.stats
 
     # --- lifecycle ---------------------------------------------------------------
-    async def start(self) -> None:
-        """Start the reply reader and the request writer. ``async with`` calls it."""
-        await self.mux.start()
-
-    async def aclose(self) -> None:
-        """Stop the reader and writer, fail requests still waiting (ClientClosed),
-        and close what the client opened. Safe to call twice; call it from the
-        task that called :meth:`start`."""
-        try:
-            await self.mux.aclose()
-        finally:
-            if self._owns_redis:
-                self._owns_redis = False
-                await self.redis.aclose()
-
+    # Only ``async with client:``: the reader and writer run in a task group
+    # that must be entered and left by the same task, which a context manager
+    # guarantees and separate start/close calls did not.
     async def __aenter__(self) -> Self:
-        await self.start()
+        """Start the reply reader and the request writer."""
+        try:
+            await self.mux.__aenter__()
+        except BaseException:
+            await self._close_redis()
+            raise
         return self
 
     async def __aexit__(
@@ -164,7 +157,17 @@ class TierpoolClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        """Stop the reader and writer, fail requests still waiting (ClientClosed),
+        and close what the client opened."""
+        try:
+            await self.mux.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._close_redis()
+
+    async def _close_redis(self) -> None:
+        if self._owns_redis:
+            self._owns_redis = False
+            await self.redis.aclose()
 
     # --- requests ------------------------------------------------------------------
     async def allocate(

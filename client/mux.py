@@ -32,7 +32,8 @@ import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import anyio
 from anyio.abc import TaskGroup
@@ -109,7 +110,11 @@ class Mux:
     """Sends requests and awaits their replies over one writer and one reader connection.
 
     ``redis`` only lends its connection settings (host, password, TLS...):
-    the mux opens its own two connections and closes them in :meth:`aclose`.
+    the mux opens its own two connections. It runs only as an async context
+    manager: ``async with mux:`` starts the reader and writer in a task group
+    that lives exactly as long as the block, and leaving it fails the
+    requests still waiting (ClientClosed) and closes both connections. A mux
+    is entered once.
     """
 
     def __init__(
@@ -148,7 +153,7 @@ class Mux:
         self.clock_offset_ms = 0
         """Redis's clock minus ours (``TIME``, at each connect): deadlines are in Redis time."""
 
-    async def start(self) -> None:
+    async def __aenter__(self) -> Self:
         if self._tg is not None or self._closed:
             raise RuntimeError("the client was already started" if self._tg else "closed")
         with anyio.move_on_after(1.0) as scope:  # best effort: the writer measures again
@@ -163,9 +168,15 @@ class Mux:
         self._tg = tg
         tg.start_soon(self._read_loop, name="tierpool-client-reader")
         tg.start_soon(self._write_loop, name="tierpool-client-writer")
+        return self
 
-    async def aclose(self) -> None:
-        """Stop both loops, fail waiting requests, close both connections. Safe twice."""
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop both loops, fail waiting requests, close both connections."""
         if self._closed:
             return
         self._closed = True

@@ -161,17 +161,6 @@ class TierConfig(msgspec.Struct, frozen=True, kw_only=True, dict=True):
         return tier is not None and tier.shared
 
     @cached_property
-    def merchant_tiers(self) -> tuple[str, ...]:
-        """Configured exclusive tiers left out of the default chain, sorted.
-
-        The anchor's definition: such a tier is reachable only through a
-        merchant policy naming it, never by a request that uses the default
-        chain. With an auto-built chain there are none.
-        """
-        in_chain = set(self.default_chain)
-        return tuple(t.name for t in self.tiers if not t.shared and t.name not in in_chain)
-
-    @cached_property
     def pools(self) -> tuple[str, ...]:
         """Every tier name in a stable order: the chain first, then the others sorted.
 

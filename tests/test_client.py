@@ -8,26 +8,20 @@ crash and restart tests use real workers.
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 import pytest
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from tests.conftest import wait_for
-from tests.procs import NAMESPACE, WorkerPool
 from tests.statekit import KEYS, make_state
-from tierpool.client.client import ClientClosed, TierpoolClient, new_request_id
-from tierpool.client.podagent import PodAgent
+from tierpool.client.client import ClientClosed, TierpoolClient
 from tierpool.core.errors import InvalidMessage, RequestTimeout
 from tierpool.core.keys import GROUP, Keys
 from tierpool.core.redisconn import connect
@@ -282,15 +276,15 @@ async def test_close_fails_waiting_requests_with_client_closed(redis_url: str) -
         except ClientClosed as exc:
             failed.append(exc)
 
-    async with anyio.create_task_group() as tg:
-        await c.start()  # after the task group: start/aclose nest like any cancel scope
+    async with anyio.create_task_group() as tg, c:
         tg.start_soon(wait_reply)
         await wait_for(lambda: _has_waiters(c))
-        await c.aclose()
+        # leaving the block failed the waiting request
     assert len(failed) == 1
-    await c.aclose()  # safe twice
     with pytest.raises(RuntimeError):
         await c.allocate("c2")
+    with pytest.raises(RuntimeError):  # entered once
+        await c.__aenter__()
 
 
 async def _has_waiters(c: TierpoolClient) -> bool:
@@ -316,119 +310,6 @@ async def test_client_recovers_after_redis_restarts(
             assert reg is not None and reg.status == "registered"
             assert (await c.allocate("c2")).status == "allocated"
         assert c.stats.reconnects >= 1
-
-
-async def _raw_allocate(r: Redis, call: str) -> float:
-    """The baseline: what a minimal producer does (XADD, XREAD BLOCK, DEL), timed."""
-    rid = new_request_id()
-    t0 = time.perf_counter()
-    await r.xadd(KEYS.request_stream("allocate"), {"request_id": rid, "call_id": call})
-    got = await r.xread({KEYS.reply(rid): "0-0"}, count=1, block=2000)
-    took = time.perf_counter() - t0
-    assert got and got[0][1][0][1]["status"] == "allocated"
-    await r.delete(KEYS.reply(rid))
-    await r.xadd(KEYS.request_stream("release"), {"request_id": rid + "r", "call_id": call})
-    await r.xread({KEYS.reply(rid + "r"): "0-0"}, count=1, block=2000)
-    await r.delete(KEYS.reply(rid + "r"))
-    return took
-
-
-async def _client_allocate(c: TierpoolClient, call: str) -> float:
-    t0 = time.perf_counter()
-    rep = await c.allocate(call)
-    took = time.perf_counter() - t0
-    assert rep.status == "allocated", rep
-    await c.release(call)
-    return took
-
-
-def _p50_p99(lat: list[float]) -> tuple[float, float]:
-    lat = sorted(lat)
-    return statistics.median(lat) * 1e3, lat[int(len(lat) * 0.99)] * 1e3
-
-
-CLIENT_MODES = (
-    ("unblock, block 1000 ms", {"unblock": True}),
-    ("poll, block 1 ms", {"unblock": False, "block_ms": 1}),
-    ("poll, block 10 ms", {"unblock": False, "block_ms": 10}),
-)
-PATTERNS = (
-    ("1 caller", 1, False),
-    ("2 callers", 2, False),
-    ("1 caller + 1 request outstanding", 1, True),
-)
-SAMPLES = 200
-
-
-async def _callers(
-    n: int, one: Callable[[str], Awaitable[float]], tag: str, samples: int = SAMPLES
-) -> list[float]:
-    """``n`` concurrent callers, each making ``samples`` sequential requests; the latencies."""
-    lat: list[float] = []
-
-    async def loop(i: int) -> None:
-        for k in range(samples):
-            lat.append(await one(f"{tag}-{i}-{k}"))
-
-    async with anyio.create_task_group() as tg:
-        for i in range(n):
-            tg.start_soon(loop, i)
-    return lat
-
-
-async def _measure(redis_url: str, r: Redis) -> dict[str, tuple[float, float]]:
-    rows: dict[str, tuple[float, float]] = {}
-    for p, (pattern, callers, outstanding) in enumerate(PATTERNS):
-        if not outstanding:
-            lat = await _callers(callers, partial(_raw_allocate, r), f"raw{p}")
-            rows[f"redis-py producer, {pattern}"] = _p50_p99(lat)
-        for j, (mode, kw) in enumerate(CLIENT_MODES):
-            async with (
-                TierpoolClient.from_url(redis_url, namespace=NAMESPACE, **kw) as c,
-                anyio.create_task_group() as tg,
-            ):
-                if outstanding:  # nobody answers it: the reader stays blocked on it
-                    tg.start_soon(
-                        _swallow_timeout,
-                        c.mux.submit(
-                            "slow", KEYS.reply("sink"), {"x": "1"}, KEYS.reply("slow"), 60
-                        ),
-                    )
-                # polling behind a blocked read takes up to Redis's 100 ms tick: fewer samples
-                samples = SAMPLES // 5 if outstanding and not c.mux.unblock else SAMPLES
-                lat = await _callers(callers, partial(_client_allocate, c), f"c{p}{j}", samples)
-                tg.cancel_scope.cancel()
-            rows[f"client {mode}, {pattern}"] = _p50_p99(lat)
-    return rows
-
-
-@pytest.mark.slow
-async def test_measure_round_trip_latency_against_one_worker(
-    redis_url: str, r: Redis, tmp_path: Path
-) -> None:
-    """Prints allocate round-trip p50/p99 at low load against one worker process:
-    a bare redis-py producer (its own XADD + XREAD BLOCK) as the baseline, the
-    client with CLIENT UNBLOCK, and the client polling with short blocks. With a
-    request outstanding the reader is always blocked when a new one starts; a
-    short block then does not help, as Redis ends a blocking read only at its
-    next event-loop tick (hz 10: up to 100 ms) when nothing else wakes it."""
-    cfg = msgspec.json.encode({"basic": {"type": "shared", "target": 1, "max_concurrent": 5}})
-    with WorkerPool(
-        redis_url, tmp_path, env={"TIER_CONFIG": cfg.decode(), "LOG_LEVEL": "warning"}
-    ) as pool:
-        await pool.start(r)
-        async with (
-            TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as pod_client,
-            anyio.create_task_group() as pod_tg,
-        ):
-            await pod_tg.start(PodAgent(pod_client, "p0", "http://p0:8080", heartbeat_s=2).run)
-            rows = await _measure(redis_url, r)
-            pod_tg.cancel_scope.cancel()
-    for label, (p50, p99) in rows.items():
-        print(f"\n[latency, 1 worker] {label}: p50 {p50:.3f} ms, p99 {p99:.3f} ms", end="")
-    print()
-    base = rows["redis-py producer, 1 caller"][0]
-    assert rows["client unblock, block 1000 ms, 1 caller + 1 request outstanding"][0] < base + 2
 
 
 async def test_keys_of_the_namespace_are_used(redis_url: str, r: Redis) -> None:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tierpool.core.errors import TierConfigError
+from tierpool.core.snapshot import dedicated_pools
 from tierpool.core.tierconfig import (
     MAX_TIERS,
     Tier,
@@ -180,21 +181,23 @@ def test_explicit_chain_is_kept_in_its_order() -> None:
 # --- helpers -----------------------------------------------------------------------
 
 
-def test_merchant_tiers_are_configured_exclusive_tiers_outside_the_chain() -> None:
+def test_dedicated_pools_are_every_tier_outside_the_chain_shared_ones_included() -> None:
+    """One definition (core.snapshot.dedicated_pools); the anchor's exclusive-only
+    ``merchant_tiers`` contradicted it and is gone."""
     cfg = parse_tier_config(
         {
             "tiers": {
                 "gold": 1,
                 "acme": 1,
                 "zenith": 2,
-                "pool": {"type": "shared"},  # shared: never a merchant tier
+                "pool": {"type": "shared"},
                 "spare": {"type": "shared"},
             },
             "default_chain": ["gold", "pool"],
         }
     )
-    assert cfg.merchant_tiers == ("acme", "zenith")
-    assert parse_tier_config(PRODUCTION_FLAT).merchant_tiers == ()
+    assert dedicated_pools(cfg) == {"acme", "zenith", "spare"}
+    assert dedicated_pools(parse_tier_config(PRODUCTION_FLAT)) == frozenset()
 
 
 def test_pools_are_chain_first_then_the_rest_sorted() -> None:
@@ -532,4 +535,4 @@ def test_round_trip_property(cfg: TierConfig) -> None:
     chain = set(cfg.default_chain)
     assert set(cfg.pools) == {t.name for t in cfg.tiers}
     assert cfg.pools[: len(cfg.default_chain)] == cfg.default_chain
-    assert all(not cfg.is_shared(m) and m not in chain for m in cfg.merchant_tiers)
+    assert dedicated_pools(cfg) == {t.name for t in cfg.tiers} - chain

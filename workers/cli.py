@@ -61,10 +61,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(_module=module, _command=name)
         if name != command:
             continue
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
+        mod = importlib.import_module(module)
         add = getattr(mod, "add_arguments", None)
         if add is not None:
             add(p, name)
@@ -109,11 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
-    try:
-        mod = importlib.import_module(args._module)
-    except ImportError as exc:
-        print(f"tierpool {args.command}: not available ({exc})", file=sys.stderr)
-        return EXIT_USAGE
+    mod = importlib.import_module(args._module)
     code: int = mod.main(args)
     return code
 

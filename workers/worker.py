@@ -38,6 +38,7 @@ from tierpool.workers.claimer import Claimer, remove_consumers
 from tierpool.workers.consumer import Consumer
 from tierpool.workers.context import WorkerContext
 from tierpool.workers.http import MetricsPortBusy
+from tierpool.workers.logs import bind, setup_logging
 from tierpool.workers.streams import BACKOFF_CAP_S, REDIS_DOWN, LoopControl, Outage
 
 log = logging.getLogger(__name__)
@@ -234,23 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
 
 
-def _setup_logging(settings: Settings) -> None:
-    try:
-        from tierpool.workers.logs import setup_logging
-    except ImportError:  # pragma: no cover - workers.logs is written alongside
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        return
-    setup_logging(settings)
-
-
 def _bind_log_fields(ctx: WorkerContext) -> None:
-    try:
-        from tierpool.workers.logs import bind
-    except ImportError:  # pragma: no cover
-        return
     bind(worker_id=ctx.worker_id, namespace=ctx.keys.namespace)
 
 
@@ -295,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         sys.stderr.write(f"tierpool worker: {exc}\n")
         return 2
-    _setup_logging(settings)
+    setup_logging(settings)
     for name in unknown_tierpool_variables():
         log.warning("unknown variable %s ignored (a typo?)", name)
     warn_about_anchor_settings(settings)
