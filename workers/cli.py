@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "events": ("tierpool.workers.ops.events", "show the audit log (--follow to tail it)"),
     "dead": ("tierpool.workers.ops.dead", "list dead letters, or requeue them"),
     "pod-sim": ("tierpool.workers.podsim", "simulate pods that register and heartbeat"),
+    "acl": ("tierpool.workers.ops.acl", "print the Redis ACL users of each role (ACL SETUSER)"),
 }
 
 
