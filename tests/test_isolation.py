@@ -7,19 +7,24 @@ process as any producer would.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from tests.procs import KEYS, WorkerPool, reply, send
+from tests.conftest import wait_for
+from tests.procs import KEYS, NAMESPACE, WorkerPool, reply, send
 from tests.statekit import Ops, make_state
+from tierpool.client import TierpoolClient
 from tierpool.core import placement
+from tierpool.core.errors import ReplyMismatch
 from tierpool.core.state import Outcome, PoolState
-from tierpool.schemas import ConfigRequest, MerchantPolicy
+from tierpool.schemas import AllocateRequest, ConfigRequest, MerchantPolicy, PodRegister
 
 pytestmark = pytest.mark.anyio
 
@@ -106,8 +111,6 @@ async def test_reused_request_id_is_dead_lettered_and_the_first_reply_stands(r: 
     ops = Ops(state)
     await ops.register("p1")
     await ops.register("p2")
-    from tierpool.schemas import AllocateRequest
-
     first = await state.apply(AllocateRequest(request_id="same", call_id="c1"))
     assert first.status == "allocated"
     second = await state.apply(AllocateRequest(request_id="same", call_id="c2"))
@@ -296,3 +299,101 @@ async def test_zone_any_takes_an_open_pod_further_down_the_chain_first(r: Redis)
     assert (await ops.register("o1")).fields["pool"] == "silver"
     assert (await ops.allocate("c1")).fields["pod_id"] == "o1"
     assert (await ops.allocate("c2", zone="restricted")).fields["pod_id"] == "r1"
+
+
+# --- the client refuses a reply that is not its own --------------------------------
+
+
+async def test_client_refuses_a_forged_or_misrouted_reply(redis_url: str, r: Redis) -> None:
+    """Issue 13.8: nothing stopped a writer of reply keys from forging a reply;
+    the client now checks kind, request_id and the echoed call_id / pod_id."""
+    forged = {"request_id": "f1", "status": "allocated", "kind": "allocate", "call_id": "other",
+              "pod_id": "evil", "pool": "gold", "session_url": "wss://evil/"}  # fmt: skip
+    await r.xadd(KEYS.reply("f1"), forged)
+    await r.xadd(KEYS.reply("f2"), {"request_id": "f2", "status": "released", "pod_id": "p1"})
+    await r.xadd(KEYS.reply("f3"), {**forged, "request_id": "f3", "kind": "release",
+                                    "call_id": "mine"})  # fmt: skip
+    async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c:
+        with pytest.raises(ReplyMismatch, match="call_id 'other', expected 'mine'"):
+            await c.allocate("mine", request_id="f1", timeout_s=5)
+        with pytest.raises(ReplyMismatch, match="kind None, expected 'release'"):
+            await c.release("c1", request_id="f2", timeout_s=5)
+        with pytest.raises(ReplyMismatch, match="kind 'release', expected 'allocate'"):
+            await c.allocate("mine", request_id="f3", timeout_s=5)
+
+
+async def test_client_reusing_a_request_id_gets_an_error_not_the_other_pod(
+    redis_url: str, r: Redis, workers: WorkerPool
+) -> None:
+    """Issue 13.2 as a user meets it: the second sender read the first
+    request's reply and got the wrong pod. Now it raises, and its request
+    took no effect."""
+    await workers.start(r)
+    async with (
+        TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as pods,
+        TierpoolClient.from_url(redis_url, namespace=NAMESPACE, delete_replies=False) as first,
+        TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as second,
+    ):
+        for pod in ("p1", "p2"):
+            await pods.send_pod_event(PodRegister(pod_id=pod, endpoint=f"http://{pod}:8080"))
+        placed = await first.allocate("c1", request_id="shared-id")
+        assert placed.status == "allocated"
+        with pytest.raises(ReplyMismatch, match="call_id 'c1', expected 'c2'"):
+            await second.allocate("c2", request_id="shared-id")
+
+    async def dead_lettered() -> bool:
+        return any(f["error"] == "request_id in use" for _, f in await r.xrange(KEYS.dead))
+
+    await wait_for(dead_lettered)
+    assert await r.hkeys(KEYS.calls) == ["c1"]
+
+
+# --- issue 13 item 1 under load, through worker processes ----------------------------
+
+
+@pytest.mark.slow
+async def test_no_stranger_lands_in_a_dedicated_pool_under_load(
+    redis_url: str, r: Redis, tmp_path: Path
+) -> None:
+    """Issue 13.1 reproduced as reported: 12 s of mixed load put 165-198
+    calls without merchant_id into an unowned dedicated pool through
+    ``chain`` and ``tier_mode=flexible``. Now: none, while the pool's owner
+    (once it has one) is served from it."""
+    env = {"TIER_CONFIG": json.dumps(CHAIN_AND_VIP | {"tiers": {
+        **CHAIN_AND_VIP["tiers"], "vip": {"type": "shared", "target": 2, "max_concurrent": 50},
+        "gold": {"type": "shared", "target": 1, "max_concurrent": 2}}})}  # fmt: skip
+    with WorkerPool(redis_url, tmp_path, env=env) as pool:
+        await pool.start(r, 2)
+        async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c:
+            for pod in ("v1", "v2", "g1", "s1"):
+                got = await c.send_pod_event(PodRegister(pod_id=pod, endpoint=f"http://{pod}:80"))
+                assert got is not None and got.status == "registered"
+            shapes: list[dict[str, Any]] = [
+                {"chain": ["vip"]},
+                {"tier_mode": "flexible"},
+                {"chain": ["vip", "gold"], "tier_mode": "flexible"},
+                {"merchant_id": "stranger", "chain": ["vip"], "tier_mode": "flexible"},
+            ]
+            counts = {"allocated": 0, "rejected": 0}
+
+            async def caller(k: int, owner: bool) -> None:
+                for i in range(60):
+                    shape = {"merchant_id": "owner"} if owner and i % 4 == 0 else shapes[i % 4]
+                    out = await c.allocate(f"c{k}-{i}", **shape)
+                    counts[out.status] = counts.get(out.status, 0) + 1
+                    if out.status == "allocated" and i % 3:
+                        await c.release(f"c{k}-{i}")
+
+            async with anyio.create_task_group() as tg:  # no policy names vip yet
+                for k in range(4):
+                    tg.start_soon(caller, k, False)
+            got = await c.set_merchant("owner", {"pool": "vip"})
+            assert got.status == "applied"
+            async with anyio.create_task_group() as tg:
+                for k in range(4, 8):
+                    tg.start_soon(caller, k, True)
+    placed = [f for _, f in await r.xrange(KEYS.events) if f["event"] == "allocated"]
+    in_vip = [f.get("merchant_id") for f in placed if f["pool"] == "vip"]
+    assert counts["allocated"] > 30 and counts["rejected"] > 0, counts
+    assert [m for m in in_vip if m != "owner"] == []
+    assert len(in_vip) >= 30  # the owner's 4 x 15 requests
