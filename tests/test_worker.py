@@ -486,3 +486,16 @@ async def test_an_outage_is_logged_once_not_per_attempt(caplog: pytest.LogCaptur
     messages = [rec.getMessage() for rec in caplog.records]
     assert len([m for m in messages if "unavailable" in m]) == 1
     assert len([m for m in messages if "available again" in m]) == 1
+
+
+async def test_outage_log_names_the_error_type(caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (issue 14.15): an error with an empty message was logged as its
+    message alone (nothing), not as its type."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from tierpool.workers.streams import Outage
+
+    with caplog.at_level(logging.WARNING, "tierpool.workers.streams"), anyio.move_on_after(0.01):
+        await Outage().backoff(RedisConnectionError(), "reading")
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "reading: ConnectionError" in line
