@@ -187,6 +187,35 @@ def render_table(results: Mapping[str, Any], targets: Mapping[str, float]) -> st
             )
         )
 
+    gw = results.get("gateway")
+    if gw:
+        target = targets["gateway_added_p50_s"]
+        added = gw["added_p50_s"]
+        fails = ""
+        if gw["closed_rejected"] or gw["closed_errors"]:
+            fails = f"; {gw['closed_rejected']} rejected, {gw['closed_errors']} errors"
+        rows.append(
+            (
+                f"Gateway: HTTP allocate + release, closed loop, {gw['concurrency']} connections",
+                f"{_num(gw['allocations_per_s'])} allocations/s; allocate p50 / p99 "
+                f"{_ms(gw['closed_p50_s'])} / {_ms(gw['closed_p99_s'])}{fails}",
+                "-",
+                "-",
+            )
+        )
+        h, d = gw["http"], gw["direct"]
+        rows.append(
+            (
+                f"Gateway: latency added over a direct stream request, open loop "
+                f"{_num(gw['rate'])}/s: p50 / p99",
+                f"+{_ms(added)} / +{_ms(gw['added_p99_s'])} (through the gateway "
+                f"{_ms(h['p50_s'])} / {_ms(h['p99_s'])}; direct {_ms(d['p50_s'])} / "
+                f"{_ms(d['p99_s'])})",
+                f"p50 <= +{target * 1000:.0f} ms",
+                _met(added <= target, f"{added / target:.1f}x the target"),
+            )
+        )
+
     head = (
         f"tierpool bench, {meta.get('date', '?')}, {meta.get('cpus', '?')} cores, "
         f"Redis {meta.get('redis', '?')}, Python {meta.get('python', '?')}; "

@@ -20,6 +20,9 @@ target is met. Parts, in the order they run:
 7. ``client`` (only when named in ``--only``): allocate round trips at low
    load of the client's read modes (CLIENT UNBLOCK, polling) against a bare
    redis-py producer (``bench/clientmodes.py``).
+8. ``gateway``: ``tierpool gateway`` in front of the workers: HTTP
+   allocations/s (closed loop), and the allocate latency it adds over a
+   direct stream request at ``--gateway-rate`` (open loop, both ways).
 
 CPU per allocation (Redis, workers, clients) is measured alongside each
 throughput figure: on a small machine every process competes for the same
@@ -45,6 +48,7 @@ import msgspec
 import redis as syncredis
 
 from tierpool.bench import clientmodes, e2e, raw, scenarios
+from tierpool.bench import gateway as gateway_bench
 from tierpool.bench.cluster import Cluster
 from tierpool.bench.common import (
     TIER_MIXES,
@@ -56,7 +60,7 @@ from tierpool.bench.common import (
 from tierpool.bench.meters import CpuMeter, Sampler
 from tierpool.core.redisconn import connect
 
-DEFAULT_PARTS = ("raw", "e2e", "latency", "propagation", "memory", "failover")
+DEFAULT_PARTS = ("raw", "e2e", "latency", "propagation", "memory", "failover", "gateway")
 PARTS = (*DEFAULT_PARTS, "client")
 RAW_NAMESPACE = "benchraw"
 TARGETS = {
@@ -65,6 +69,7 @@ TARGETS = {
     "propagation_p99_s": 0.050,
     "failover_s": 3.0,
     "worker_rss_mb": 80.0,
+    "gateway_added_p50_s": 0.001,
 }
 
 
@@ -142,6 +147,18 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help="also run the raw loop in this process under cProfile for "
         "--duration s, write the stats to PATH and print the costliest "
         "functions",
+    )
+    parser.add_argument(
+        "--gateway-concurrency",
+        type=int,
+        default=64,
+        help="HTTP connections of the gateway's closed loop (default 64)",
+    )
+    parser.add_argument(
+        "--gateway-rate",
+        type=float,
+        default=500,
+        help="allocations/s of the gateway's added-latency comparison (default 500)",
     )
     parser.add_argument(
         "--changes",
@@ -446,6 +463,61 @@ def run_failover(run: Run, cluster: Cluster) -> None:
     _progress(f"failover: new leader serving after {res.serving_s:.2f} s")
 
 
+def run_gateway(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
+    a = run.args
+    duration = a.latency_duration or a.duration
+    gw = gateway_bench.start_gateway(cluster.url, cluster.namespace, cluster.log_dir, cluster.env)
+    try:
+        with CpuMeter(r, cluster.live_workers()) as cpu:
+            closed = anyio.run(
+                partial(
+                    gateway_bench.closed_loop,
+                    gw.port,
+                    concurrency=a.gateway_concurrency,
+                    duration_s=a.duration,
+                    tag="gwc",
+                )
+            )
+        run.requests_sent += _requests_of(closed)
+        _progress(f"gateway, {a.gateway_concurrency} connections: {closed.rate:,.0f} allocations/s")
+        rate = a.gateway_rate
+        direct = e2e.open_loop(
+            cluster.url, cluster.namespace, rate=rate, processes=1, duration_s=duration, tag="gwd"
+        )
+        via = anyio.run(
+            partial(gateway_bench.open_loop, gw.port, rate=rate, duration_s=duration, tag="gwo")
+        )
+        run.requests_sent += _requests_of(direct) + _requests_of(via)
+    finally:
+        gw.stop()
+    qd, qh = Quantiles.of(direct.alloc_latency_s), Quantiles.of(via.alloc_latency_s)
+    _progress(
+        f"gateway at {rate:,.0f}/s: p50 {_ms(qh.p50)} (direct {_ms(qd.p50)}), "
+        f"p99 {_ms(qh.p99)} (direct {_ms(qd.p99)})"
+    )
+    run.results["gateway"] = {
+        "concurrency": a.gateway_concurrency,
+        "allocations_per_s": closed.rate,
+        "closed_rejected": closed.rejected,
+        "closed_errors": closed.errors,
+        "closed_p50_s": Quantiles.of(closed.alloc_latency_s).p50,
+        "closed_p99_s": Quantiles.of(closed.alloc_latency_s).p99,
+        **cpu.per_pair_us(closed.all_pairs, closed.cpu_s),
+        "rate": rate,
+        "direct": {"p50_s": qd.p50, "p99_s": qd.p99, "p999_s": qd.p999, "n": qd.n},
+        "http": {
+            "p50_s": qh.p50,
+            "p99_s": qh.p99,
+            "p999_s": qh.p999,
+            "n": qh.n,
+            "rejected": via.rejected,
+            "errors": via.errors,
+        },
+        "added_p50_s": qh.p50 - qd.p50,
+        "added_p99_s": qh.p99 - qd.p99,
+    }
+
+
 def _requests_of(res: e2e.LoadResult) -> int:
     return 2 * res.all_pairs + res.rejected + res.errors
 
@@ -498,6 +570,8 @@ def main(args: argparse.Namespace) -> int:
                 run_client(run, cluster)
             if "failover" in parts:
                 run_failover(run, cluster)
+            if "gateway" in parts:
+                run_gateway(run, cluster, r)
         finally:
             r.close()
     run.results["meta"]["wall_s"] = time.monotonic() - t0

@@ -277,7 +277,9 @@ class Gateway:
         if reply.status != "released" or reply.pod_id is None:
             log.error("release answered %s: %s", reply.status, reply.error)
             return json_response(500, formats.error_doc("release failed"))
-        draining = await self.pools.is_draining(reply.pod_id)
+        draining = reply.was_draining
+        if draining is None:  # a worker older than the field: read the mark instead
+            draining = await self.pools.is_draining(reply.pod_id)
         return json_response(
             200,
             {

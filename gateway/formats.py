@@ -9,6 +9,7 @@ unknown keys ignored). Nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any, Final, TypeVar
@@ -197,8 +198,7 @@ def decode_json(body: bytes, kind: type[T]) -> T:
         return kind()
     if not isinstance(doc, dict):
         raise BadInput("invalid request body", "body")
-    wire = {f.encode_name: f.encode_name for f in msgspec.structs.fields(kind)}
-    folded = {name.lower(): name for name in wire}
+    wire, folded = _names(kind)
     picked: dict[str, Any] = {}
     for key, value in doc.items():
         # Go prefers an exact match, then takes a case-insensitive one.
@@ -211,12 +211,19 @@ def decode_json(body: bytes, kind: type[T]) -> T:
         raise BadInput("invalid request body", _field_of(exc, kind)) from None
 
 
+@functools.cache
+def _names(kind: type[msgspec.Struct]) -> tuple[dict[str, str], dict[str, str]]:
+    """A body's wire names, and the same by lower case (reading the fields costs a compile)."""
+    wire = {f.encode_name: f.encode_name for f in msgspec.structs.fields(kind)}
+    return wire, {name.lower(): name for name in wire}
+
+
 def _field_of(exc: msgspec.ValidationError, kind: type[msgspec.Struct]) -> str:
     """The wire name in a msgspec error (``... - at `$.call_sid` ``), else ``body``."""
     text = str(exc)
-    for f in msgspec.structs.fields(kind):
-        if f"$.{f.encode_name}`" in text:
-            return f.encode_name
+    for name in _names(kind)[0]:
+        if f"$.{name}`" in text:
+            return name
     return "body"
 
 

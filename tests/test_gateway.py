@@ -458,3 +458,38 @@ async def test_the_real_command_drains_in_flight_requests_on_sigterm(
         assert "draining requests in flight" in gw.log_text()
     finally:
         gw.close()
+
+
+def test_listening_socket_is_tcp_nodelay() -> None:
+    """Regression: a socket made without ``IPPROTO_TCP`` left Nagle on for accepted
+    connections (asyncio checks ``sock.proto``), and every kept-alive answer in two
+    writes waited ~40 ms for the client's delayed ACK (health took 22 ms, not 0.1)."""
+    import socket
+
+    from tierpool.gateway.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()
+
+
+async def test_kept_alive_requests_do_not_wait_for_delayed_acks(redis_url: str) -> None:
+    """Forty sequential requests on one connection: far below 40 x 22 ms of Nagle stalls."""
+    import time
+
+    from tierpool.bench.gateway import HttpConn
+
+    async with running_gateway(redis_url) as (http, _server):
+        port = int(str(http.base_url).rsplit(":", 1)[1].rstrip("/"))
+        conn = await HttpConn.open("127.0.0.1", port)
+        try:
+            start = time.perf_counter()
+            for _ in range(40):
+                status, _body = await conn.post("/api/v1/drain", b"{}")
+                assert status == 400
+            assert time.perf_counter() - start < 0.5
+        finally:
+            await conn.aclose()
