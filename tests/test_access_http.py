@@ -93,6 +93,43 @@ async def test_idle_connection_flood_at_1024_descriptors(r: Redis, pool: WorkerP
     assert "Traceback" not in worker.log_text()
 
 
+def _starve_nofile() -> None:
+    """Runs in the worker child: so few descriptors that accept() hits EMFILE below the cap."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (STARVED_NOFILE, hard))
+
+
+STARVED_NOFILE = 48
+"""A worker holds about 13 descriptors when idle: ~35 connections exhaust this limit."""
+
+
+async def test_descriptor_exhaustion_backs_off_and_keeps_redis_working(
+    r: Redis, pool: WorkerPool
+) -> None:
+    """At EMFILE the listener backs off and shrinks its cap; the worker keeps serving
+    requests over Redis and answers /metrics during and after the flood."""
+    (worker,) = await pool.start(r, 1, preexec_fn=_starve_nofile)
+    port = worker.metrics_port
+    flood = await anyio.to_thread.run_sync(_open_idle, port, 300)
+    try:
+        await wait_for(lambda: _async_true("backing off" in worker.log_text()), timeout_s=10)
+        await wait_for(lambda: _metrics_ok(port), timeout_s=20, interval_s=0.2)
+        # The worker's own Redis work goes on: a request gets its reply.
+        await r.xadd(pool.keys.request_stream("release"), {"request_id": "rel-1", "call_id": "c"})
+        await wait_for(lambda: _exists(r, pool.keys.reply("rel-1")), timeout_s=10)
+        assert worker.alive(), worker.log_text()[-3000:]
+    finally:
+        for s in flood:
+            s.close()
+    await wait_for(lambda: _metrics_ok(port), timeout_s=15, interval_s=0.2)
+    assert worker.alive()
+    assert "Traceback" not in worker.log_text()
+
+
+async def _exists(r: Redis, key: str) -> bool:
+    return bool(await r.exists(key))
+
+
 # --- in process: the cap, eviction, idle timeout and back-off ---------------------------
 
 

@@ -63,6 +63,9 @@ MAX_CONNECTIONS: Final = 64
 keeps a flood from taking the descriptors the worker needs for Redis."""
 ACCEPT_BACKOFF_MIN_S: Final = 0.05
 ACCEPT_BACKOFF_MAX_S: Final = 1.0
+FD_RESERVE: Final = 8
+"""Descriptors the listener leaves to the rest of the worker once ``accept()`` hit ``EMFILE``."""
+CAP_RESTORE_S: Final = 30.0
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _CLIENT_GONE: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET})
 
@@ -243,30 +246,38 @@ async def _handle(ctx: WorkerContext, stream: SocketStream, conns: _Connections)
 async def _accept_loop(
     ctx: WorkerContext, listener: _Accepting, conns: _Connections, tg: TaskGroup
 ) -> None:
-    """Accept forever; out of descriptors, back off instead of dying.
+    """Accept forever; out of descriptors, shrink the cap and back off instead of dying.
 
     ``EMFILE``/``ENFILE`` (and the kernel's ``ENOBUFS``/``ENOMEM``) mean the
     process or the host is out of descriptors or memory right now: the
     pending connection stays in the kernel's backlog, so retrying at once
-    would spin. The loop frees a descriptor by evicting the oldest idle
-    connection, sleeps (doubling from :data:`ACCEPT_BACKOFF_MIN_S` up to
+    would spin. The cap drops to the connections open then minus
+    :data:`FD_RESERVE` (the idle ones above it are evicted, which leaves
+    descriptors to the worker's Redis connections), the loop sleeps
+    (doubling from :data:`ACCEPT_BACKOFF_MIN_S` up to
     :data:`ACCEPT_BACKOFF_MAX_S`) and tries again; one warning per episode.
+    The full cap comes back after :data:`CAP_RESTORE_S` without ``EMFILE``.
     """
+    full_cap = conns.limit
     backoff = ACCEPT_BACKOFF_MIN_S
     short_of_fds = False
+    last_short = 0.0
     while True:
         await conns.wait_for_room()
         try:
             stream = await listener.accept()
         except OSError as exc:
             if exc.errno in _OUT_OF_RESOURCES:
+                conns.limit = max(1, min(conns.limit, conns.open - FD_RESERVE))
                 if not short_of_fds:
                     log.warning(
-                        "http: cannot accept a connection (%s); backing off, %d open",
+                        "http: cannot accept a connection (%s); backing off, "
+                        "at most %d connections for now",
                         exc.strerror or exc,
-                        conns.open,
+                        conns.limit,
                     )
                     short_of_fds = True
+                last_short = anyio.current_time()
                 conns.evict_oldest_idle()
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX_S)
@@ -277,6 +288,8 @@ async def _accept_loop(
         if short_of_fds:
             log.info("http: accepting connections again")
             short_of_fds = False
+        if conns.limit < full_cap and anyio.current_time() - last_short > CAP_RESTORE_S:
+            conns.limit = full_cap
         backoff = ACCEPT_BACKOFF_MIN_S
         tg.start_soon(_handle, ctx, stream, conns)
 

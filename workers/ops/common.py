@@ -31,7 +31,7 @@ from tierpool.core.errors import (
     SettingsError,
 )
 from tierpool.core.keys import Keys, valid_namespace
-from tierpool.core.masking import mask_url
+from tierpool.core.masking import mask_text, mask_url
 from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_REDIS, EXIT_TIMEOUT, EXIT_USAGE
@@ -202,7 +202,8 @@ def write_json(doc: object) -> None:
 
 
 def error(command: str, text: str) -> None:
-    sys.stderr.write(f"tierpool {command}: {text}\n")
+    """An error line on stderr, masked like a log line (it may quote a Redis or upstream error)."""
+    sys.stderr.write(mask_text(f"tierpool {command}: {text}") + "\n")
     sys.stderr.flush()
 
 
