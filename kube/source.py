@@ -46,7 +46,7 @@ from typing import Any
 import anyio
 import httpx2
 from lightkube import AsyncClient, KubeConfig
-from lightkube.core.exceptions import ApiError, ConfigError
+from lightkube.core.exceptions import ApiError, ConfigError, NotReadyError
 from lightkube.resources.core_v1 import Pod
 from redis.exceptions import RedisError
 
@@ -196,7 +196,10 @@ class _Sync:
             seen = observe(pod, self.settings)
             if seen.name:
                 view[seen.name] = seen
-        version = pods.resourceVersion if view else await self._empty_list_version()
+        try:
+            version = pods.resourceVersion
+        except NotReadyError:  # no page carried one: watch from "now" (replays as ADDED)
+            version = ""
         async with self.lock:
             self.view = view
             self.deleted.clear()
@@ -213,18 +216,6 @@ class _Sync:
             len(gone),
         )
         return version
-
-    async def _empty_list_version(self) -> str:
-        """The version of an empty list (lightkube sets it only while iterating items)."""
-        pods = self.client.list(
-            Pod, namespace=self.settings.kube_namespace, labels=self.source.selector, chunk_size=1
-        )
-        async for _ in pods:
-            break
-        try:
-            return pods.resourceVersion
-        except Exception:
-            return ""
 
     async def watch(self, version: str) -> None:
         """Follow events from ``version`` until a 410 Gone asks for a relist."""

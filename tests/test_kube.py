@@ -270,3 +270,15 @@ async def test_leader_failover_relists(
         assert kube.lists > lists
         assert successor.alive()
         assert await registered(r, "va-1")
+
+
+async def test_empty_namespace_then_a_pod_appears(
+    r: Redis, redis_url: str, tmp_path: Path, kube: FakeKube
+) -> None:
+    """An empty list still yields the version the watch starts from."""
+    with worker_pool(redis_url, tmp_path, kube) as pool:
+        await pool.start(r, 1)
+        await wait_for(lambda: _watching(kube), timeout_s=10)
+        assert kube.watch_versions[0] not in (None, "")
+        kube.put_pod("va-1", ip="10.0.0.11")
+        assert await wait_registered(r, "va-1") < LIMIT_S
