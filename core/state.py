@@ -87,6 +87,10 @@ class _Origin:
     echo: tuple[str, str] = ("", "")
 
 
+REQUEST_ID_IN_USE = "request_id in use"
+"""The error of a request whose request_id has an unread reply (contract v1.1):
+the prelude dead-letters it with this text (``RID_IN_USE`` in _prelude.lua)."""
+
 _ECHOED = {"allocate": "call_id", "release": "call_id", "drain": "pod_id", "pod": "pod_id"}
 """The subject field a reply of each kind echoes (contract v1.1); config has none."""
 

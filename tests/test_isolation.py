@@ -23,7 +23,7 @@ from tests.statekit import Ops, make_state
 from tierpool.client import TierpoolClient
 from tierpool.core import placement
 from tierpool.core.errors import ReplyMismatch
-from tierpool.core.state import Outcome, PoolState
+from tierpool.core.state import REQUEST_ID_IN_USE, Outcome, PoolState
 from tierpool.schemas import AllocateRequest, ConfigRequest, MerchantPolicy, PodRegister
 
 pytestmark = pytest.mark.anyio
@@ -114,7 +114,7 @@ async def test_reused_request_id_is_dead_lettered_and_the_first_reply_stands(r: 
     first = await state.apply(AllocateRequest(request_id="same", call_id="c1"))
     assert first.status == "allocated"
     second = await state.apply(AllocateRequest(request_id="same", call_id="c2"))
-    assert second == Outcome("invalid", {"error": "request_id in use"})
+    assert second == Outcome("invalid", {"error": REQUEST_ID_IN_USE})
     assert await r.hkeys(KEYS.calls) == ["c1"]
     entries = await r.xrange(KEYS.reply("same"))
     assert [(f["call_id"], f["pod_id"]) for _, f in entries] == [("c1", first.fields["pod_id"])]
@@ -330,9 +330,11 @@ async def test_client_reusing_a_request_id_gets_an_error_not_the_other_pod(
     took no effect."""
     await workers.start(r)
     async with (
-        TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as pods,
-        TierpoolClient.from_url(redis_url, namespace=NAMESPACE, delete_replies=False) as first,
-        TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as second,
+        TierpoolClient.from_url(redis_url, namespace=NAMESPACE, default_timeout_s=20) as pods,
+        TierpoolClient.from_url(
+            redis_url, namespace=NAMESPACE, delete_replies=False, default_timeout_s=20
+        ) as first,
+        TierpoolClient.from_url(redis_url, namespace=NAMESPACE, default_timeout_s=20) as second,
     ):
         for pod in ("p1", "p2"):
             await pods.send_pod_event(PodRegister(pod_id=pod, endpoint=f"http://{pod}:8080"))
@@ -344,7 +346,7 @@ async def test_client_reusing_a_request_id_gets_an_error_not_the_other_pod(
     async def dead_lettered() -> bool:
         return any(f["error"] == "request_id in use" for _, f in await r.xrange(KEYS.dead))
 
-    await wait_for(dead_lettered)
+    await wait_for(dead_lettered, timeout_s=20)
     assert await r.hkeys(KEYS.calls) == ["c1"]
 
 
@@ -364,7 +366,9 @@ async def test_no_stranger_lands_in_a_dedicated_pool_under_load(
         "gold": {"type": "shared", "target": 1, "max_concurrent": 2}}})}  # fmt: skip
     with WorkerPool(redis_url, tmp_path, env=env) as pool:
         await pool.start(r, 2)
-        async with TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c:
+        async with TierpoolClient.from_url(
+            redis_url, namespace=NAMESPACE, default_timeout_s=20
+        ) as c:
             for pod in ("v1", "v2", "g1", "s1"):
                 got = await c.send_pod_event(PodRegister(pod_id=pod, endpoint=f"http://{pod}:80"))
                 assert got is not None and got.status == "registered"

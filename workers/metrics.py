@@ -177,7 +177,7 @@ REPLY_STATUSES: Final[dict[str, tuple[str, ...]]] = {
     "pods": ("registered", "alive", "unknown_pod", "deregistered", "expired", "invalid"),
 }
 """Reply statuses each input stream's entries can end with (the Lua scripts' returns)."""
-DEAD_REASONS: Final = ("invalid", "too_many_deliveries", "internal_error")
+DEAD_REASONS: Final = ("invalid", "request_id_in_use", "too_many_deliveries", "internal_error")
 WORKER_LOOPS: Final = (
     "consumer",
     "claimer",

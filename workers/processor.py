@@ -23,7 +23,7 @@ from tierpool.core.errors import InvalidMessage
 from tierpool.core.keys import GROUP
 from tierpool.core.logutil import LogLimit
 from tierpool.core.scripts import run_calls
-from tierpool.core.state import Entry, Message, Outcome
+from tierpool.core.state import REQUEST_ID_IN_USE, Entry, Message, Outcome
 from tierpool.schemas import REQUEST_KINDS, decode_pod_event, decode_request
 from tierpool.schemas.explain import usable_request_id
 from tierpool.schemas.fields import MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
@@ -144,15 +144,25 @@ class Processor:
                     items.append((msg, Entry(d.stream, d.entry_id)))
         if items:
             outcomes = await self._run(batch, good, items, bad)
-            for i, outcome in zip(good, outcomes, strict=True):
+            for j, (i, outcome) in enumerate(zip(good, outcomes, strict=True)):
                 statuses[i] = outcome.status
                 pools[i] = outcome.fields.get("pool", "")
                 if outcome.status == "invalid":
                     # Well-formed but inapplicable (a config that fails
-                    # validation): PoolState.run already replied, dead-lettered
-                    # and acked it in one script; count it here.
+                    # validation, a request_id in use): PoolState.run already
+                    # dead-lettered and acked it in one script; count it here.
                     kind = self.kinds.get(batch[i].stream, batch[i].stream)
-                    metrics.dead_letters_total.labels(kind, "invalid").inc()
+                    in_use = outcome.fields.get("error") == REQUEST_ID_IN_USE
+                    reason = "request_id_in_use" if in_use else "invalid"
+                    metrics.dead_letters_total.labels(kind, reason).inc()
+                    if in_use and self._log_limit.allow():
+                        log.warning(
+                            "dead-lettered %s entry %s: its request_id has an unread "
+                            "reply (another request's), which stands",
+                            kind,
+                            batch[i].entry_id,
+                            extra={"request_id": items[j][0].request_id or ""},
+                        )
         if bad:
             await self._reject(batch, bad, statuses)
         if gone:

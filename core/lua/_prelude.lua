@@ -92,8 +92,12 @@ end
 -- The reply stream holds exactly one entry: a second delivery never adds one.
 -- Every reply says what it answers (v1.1): the request's kind, and its
 -- call_id or pod_id, so a requester can tell a reply that is not its own.
+local reply_taken = nil  -- does the reply stream exist? nil: not read yet in this call
 local function reply(status, fields)
-  if H.rid == '' or redis.call('EXISTS', K.reply) == 1 then return end
+  if H.rid == '' then return end
+  if reply_taken == nil then reply_taken = redis.call('EXISTS', K.reply) == 1 end
+  if reply_taken then return end
+  reply_taken = true
   local args = {'XADD', K.reply, '*', 'request_id', H.rid, 'status', status, 'kind', H.kind}
   local echo = H.echo_field ~= '' and H.echo_value ~= ''
   for i = 1, #fields, 2 do
@@ -175,7 +179,8 @@ local RID_IN_USE = 'request_id in use'
 local function begin()
   local deliveries = still_pending()
   if not deliveries then return {'dup'} end
-  if H.rid ~= '' and redis.call('EXISTS', K.reply) == 1 then
+  if H.rid ~= '' then reply_taken = redis.call('EXISTS', K.reply) == 1 end
+  if reply_taken then
     dead_letter(RID_IN_USE, deliveries)
     return {'invalid', 'error', RID_IN_USE}
   end
