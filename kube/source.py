@@ -67,6 +67,7 @@ from tierpool.kube.pods import (
 )
 from tierpool.kube.selector import Selector, parse_selector
 from tierpool.schemas import DrainRequest, PodDeregister, PodHeartbeat
+from tierpool.workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -166,23 +167,29 @@ class _Sync:
 
     # --- list and watch -------------------------------------------------------
     async def list_and_watch(self) -> None:
+        reason = "takeover"
         while True:
+            metrics.pod_source_relists_total.labels(reason).inc()
             try:
                 version = await self.relist()
             except (LeadershipLost, anyio.get_cancelled_exc_class()):
                 raise
             except Exception as exc:
+                metrics.pod_source_errors_total.labels("list").inc()
                 log.warning(
                     "kubernetes: listing pods failed; retrying in %.1fs: %s",
                     self.backoff.delay_s,
                     exc,
                 )
+                reason = "retry"
                 await self.backoff.sleep()
                 continue
             # The periodic relist is the safety net for a watch that went quiet
             # without an error (a half-open connection).
+            reason = "interval"
             with anyio.move_on_after(self.settings.reconcile_interval_s):
                 await self.watch(version)
+                reason = "expired"
 
     async def relist(self) -> str:
         pods = self.client.list(
@@ -232,16 +239,19 @@ class _Sync:
                     if pod.metadata and pod.metadata.resourceVersion:
                         version = pod.metadata.resourceVersion
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        metrics.pod_source_events_total.labels(kind.lower()).inc()
                         await self.event(kind, pod)
                     self.backoff.reset()
             except ApiError as exc:
                 if exc.status.code == 410:
                     log.info("kubernetes: watch version %s expired (410 Gone); relisting", version)
                     return
+                metrics.pod_source_errors_total.labels("watch").inc()
                 log.warning(
                     "kubernetes: watch refused (%s); reopening in %.1fs", exc, self.backoff.delay_s
                 )
             except (httpx2.HTTPError, OSError, ValueError) as exc:
+                metrics.pod_source_errors_total.labels("watch").inc()
                 log.warning(
                     "kubernetes: watch dropped (%r); reopening from version %s in %.1fs",
                     exc,
@@ -266,6 +276,7 @@ class _Sync:
             try:
                 await self._sync_locked([seen.name], heartbeat=False)
             except RedisError as exc:  # the next heartbeat round syncs it again
+                metrics.pod_source_errors_total.labels("sync").inc()
                 log.warning("kubernetes: syncing pod %s failed (will retry): %s", seen.name, exc)
 
     # --- heartbeats -----------------------------------------------------------
@@ -277,6 +288,7 @@ class _Sync:
                 try:
                     await self._sync_locked([*self.view, *self.deleted], heartbeat=True)
                 except RedisError as exc:
+                    metrics.pod_source_errors_total.labels("sync").inc()
                     log.warning("kubernetes: heartbeat round failed: %s", exc)
 
     # --- the one decision -----------------------------------------------------

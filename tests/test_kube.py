@@ -25,6 +25,7 @@ from tests.kubeapi import FakeKube
 from tests.procs import KEYS, NAMESPACE, WorkerPool, WorkerProc
 from tests.test_leader_procs import wait_leader
 from tierpool.client.client import TierpoolClient
+from tierpool.workers import http
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -74,6 +75,16 @@ async def wait_registered(r: Redis, pod: str, *, yes: bool = True) -> float:
 
     await wait_for(check, timeout_s=15)
     return time.monotonic() - start
+
+
+async def counter(proc: WorkerProc, name: str, label: str) -> float:
+    """One series of a worker's /metrics, e.g. ``counter(p, "..._total", 'reason="expired"')``."""
+    status, body = await http.get("127.0.0.1", proc.metrics_port, "/metrics")
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith(f"{name}{{{label}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{label}}} not exported")
 
 
 async def events(r: Redis, kind: str) -> list[dict[str, str]]:
@@ -202,7 +213,7 @@ async def test_dropped_watch_resumes_from_its_version_without_missing_a_deletion
     kube.put_pod("va-1", ip="10.0.0.11")
     kube.put_pod("va-2", ip="10.0.0.12")
     with worker_pool(redis_url, tmp_path, kube) as pool:
-        await pool.start(r, 1)
+        (proc,) = await pool.start(r, 1)
         await wait_registered(r, "va-2")
         await wait_for(lambda: _watching(kube), timeout_s=10)
         lists = kube.lists
@@ -219,6 +230,8 @@ async def test_dropped_watch_resumes_from_its_version_without_missing_a_deletion
         assert kube.lists == lists, "the deletion must come from the resumed watch, not a relist"
         assert kube.watch_versions[-1] not in (None, ""), "the watch reopened without a version"
         assert await registered(r, "va-1")
+        assert await counter(proc, "tierpool_pod_source_errors_total", 'stage="watch"') >= 1
+        assert await counter(proc, "tierpool_pod_source_events_total", 'type="deleted"') == 1
 
 
 async def _watching(kube: FakeKube) -> bool:
@@ -231,7 +244,7 @@ async def test_410_gone_relists_and_deregisters_what_was_missed(
     kube.put_pod("va-1", ip="10.0.0.11")
     kube.put_pod("va-2", ip="10.0.0.12")
     with worker_pool(redis_url, tmp_path, kube) as pool:
-        await pool.start(r, 1)
+        (proc,) = await pool.start(r, 1)
         await wait_registered(r, "va-2")
         await wait_for(lambda: _watching(kube), timeout_s=10)
         lists = kube.lists
@@ -244,6 +257,8 @@ async def test_410_gone_relists_and_deregisters_what_was_missed(
         assert took < LIMIT_S
         assert kube.lists > lists
         assert await registered(r, "va-1")
+        assert await counter(proc, "tierpool_pod_source_relists_total", 'reason="expired"') == 1
+        assert await counter(proc, "tierpool_pod_source_relists_total", 'reason="takeover"') == 1
 
 
 async def test_leader_failover_relists(

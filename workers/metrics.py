@@ -165,6 +165,24 @@ reaped_total = Counter(
 moves_total = Counter(
     "tierpool_moves_total", "Pods assigned or moved by the leader.", ["reason"], registry=REGISTRY
 )
+pod_source_events_total = Counter(
+    "tierpool_pod_source_events_total",
+    "Pod changes the leader's pod source received (POD_SOURCE=kubernetes: watch events).",
+    ["type"],
+    registry=REGISTRY,
+)
+pod_source_relists_total = Counter(
+    "tierpool_pod_source_relists_total",
+    "Full relists by the pod source: takeover, expired (410 Gone), interval, retry.",
+    ["reason"],
+    registry=REGISTRY,
+)
+pod_source_errors_total = Counter(
+    "tierpool_pod_source_errors_total",
+    "Failures the pod source survived, by stage: list, watch (dropped or refused), sync (Redis).",
+    ["stage"],
+    registry=REGISTRY,
+)
 
 
 # --- every counter from the start ---------------------------------------------------
@@ -187,7 +205,10 @@ WORKER_LOOPS: Final = (
     "leader_reap",
     "leader_gauges",
     "leader_upstream",
+    "leader_pod_source",
 )
+POD_SOURCE_EVENTS: Final = ("added", "modified", "deleted")
+POD_SOURCE_RELISTS: Final = ("takeover", "expired", "interval", "retry")
 ALLOCATION_FAILURES: Final = ("rejected", "expired", "invalid")
 """Allocation statuses that place nothing: their ``pool`` label is empty."""
 
@@ -211,6 +232,12 @@ def export_from_start() -> None:
         reaped_total.labels(what)
     for reason in ("assign", "rebalance"):
         moves_total.labels(reason)
+    for kind in POD_SOURCE_EVENTS:
+        pod_source_events_total.labels(kind)
+    for reason in POD_SOURCE_RELISTS:
+        pod_source_relists_total.labels(reason)
+    for stage in ("list", "watch", "sync"):
+        pod_source_errors_total.labels(stage)
 
 
 def export_pools(pools: Iterable[str]) -> None:
