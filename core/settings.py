@@ -20,6 +20,7 @@ properties for the TTLs the Lua scripts take as ``ARGV``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -238,6 +239,73 @@ def _name(env: str) -> dict[str, _Var]:
     return {"var": _Var(env, parse, check, str)}
 
 
+def _secret(env: str) -> dict[str, _Var]:
+    """A secret (an auth token, a password): never shown, in logs or in errors."""
+
+    def show(value: str) -> str:
+        return "***" if value else ""
+
+    return {"var": _Var(env, str, lambda _value: None, show, redact=lambda _text: "***")}
+
+
+def _basic_auth(env: str) -> dict[str, _Var]:
+    """``user:password`` (a secret): both parts needed."""
+
+    def check(value: str) -> str | None:
+        if not value:
+            return None
+        user, colon, password = value.partition(":")
+        return None if user and colon and password else "must be user:password"
+
+    def parse(text: str) -> str:
+        problem = check(text)
+        if problem:
+            raise ValueError(problem)
+        return text
+
+    def show(value: str) -> str:
+        return "***" if value else ""
+
+    return {"var": _Var(env, parse, check, show, redact=lambda _text: "***")}
+
+
+def _networks(env: str) -> dict[str, _Var]:
+    """A comma-separated list of addresses or CIDR blocks (``10.0.0.0/8, ::1``)."""
+
+    def problem_of(items: tuple[str, ...]) -> str | None:
+        for item in items:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                return f"{item!r} is not an IP address or CIDR block"
+        return None
+
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(x.strip() for x in text.split(",") if x.strip())
+        problem = problem_of(items)
+        if problem:
+            raise ValueError(problem)
+        return tuple(str(ipaddress.ip_network(x, strict=False)) for x in items)
+
+    return {"var": _Var(env, parse, problem_of, ",".join)}
+
+
+def _rate(env: str) -> dict[str, _Var]:
+    """A non-negative number per second; 0 turns the limit off."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("must be a number of requests per second (0: no limit)") from None
+        return value
+
+    def check(value: float) -> str | None:
+        return None if 0 <= value < float("inf") else "must be 0 or more (0: no limit)"
+
+    return {"var": _Var(env, parse, check, lambda v: f"{v:g}")}
+
+
 def _namespace(env: str) -> dict[str, _Var]:
     def check(value: str) -> str | None:
         if valid_namespace(value):
@@ -385,6 +453,41 @@ class Settings:
         default=30, metadata=_duration_s("HTTP_SHUTDOWN_TIMEOUT", allow_zero=True)
     )
     """Gateway: on SIGTERM, how long requests in flight may take to finish."""
+
+    # --- the gateway on the internet (webhooks) ------------------------------
+    twilio_auth_token: str = field(default="", metadata=_secret("TWILIO_AUTH_TOKEN"))
+    """Gateway: when set, the Twilio webhook needs a valid ``X-Twilio-Signature``."""
+    plivo_auth_token: str = field(default="", metadata=_secret("PLIVO_AUTH_TOKEN"))
+    """Gateway: when set, the Plivo webhook needs a valid ``X-Plivo-Signature-V3``."""
+    exotel_basic_auth: str = field(default="", metadata=_basic_auth("EXOTEL_BASIC_AUTH"))
+    """Gateway: ``user:password`` the Exotel webhook must present (HTTP basic auth)."""
+    gateway_public_url: str | None = field(
+        default=None,
+        metadata=_url("GATEWAY_PUBLIC_URL", ("http", "https"), optional=True, base=True),
+    )
+    """Gateway: scheme, host and prefix as providers call it: the URL they sign."""
+    gateway_trusted_proxies: tuple[str, ...] = field(
+        default=(), metadata=_networks("GATEWAY_TRUSTED_PROXIES")
+    )
+    """Gateway: peers whose ``X-Forwarded-For/-Proto/-Host`` headers are believed."""
+    gateway_allow_from: tuple[str, ...] = field(
+        default=(), metadata=_networks("GATEWAY_ALLOW_FROM")
+    )
+    """Gateway: when set, webhooks are served only to sources in these networks."""
+    gateway_source_rate: float = field(default=20, metadata=_rate("GATEWAY_SOURCE_RATE"))
+    """Gateway: webhook requests per second one source address may send (0: no limit)."""
+    gateway_source_burst: int = field(
+        default=40, metadata=_integer("GATEWAY_SOURCE_BURST", 1, 10**6)
+    )
+    gateway_merchant_rate: float = field(default=0, metadata=_rate("GATEWAY_MERCHANT_RATE"))
+    """Gateway: webhook allocations per second for one merchant (0: no limit)."""
+    gateway_merchant_burst: int = field(
+        default=40, metadata=_integer("GATEWAY_MERCHANT_BURST", 1, 10**6)
+    )
+    gateway_max_body_bytes: int = field(
+        default=16_384, metadata=_integer("GATEWAY_MAX_BODY_BYTES", 256, 1 << 20)
+    )
+    """Gateway: larger bodies are refused before anything parses them."""
 
     # --- new in the contract -------------------------------------------------
     namespace: str = field(default="default", metadata=_namespace("TIERPOOL_NAMESPACE"))

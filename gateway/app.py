@@ -37,6 +37,7 @@ from tierpool.core.keys import Keys
 from tierpool.core.settings import Settings
 from tierpool.gateway import formats, metrics
 from tierpool.gateway.formats import BadInput
+from tierpool.gateway.guard import Guard, Provider, Refusal
 from tierpool.gateway.pools import PoolView
 from tierpool.schemas import Reply
 
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 
 JSON: Final = "application/json"
 XML: Final = "application/xml"
-MAX_BODY_BYTES: Final = 64 * 1024
-"""Largest body read; a webhook is a few hundred bytes, so more is not a provider."""
 REPLY_MARGIN_S: Final = 0.5
 """The wait for a reply ends this long before ``HTTP_WRITE_TIMEOUT``, so the 503 still goes out."""
 RETRY_AFTER_S: Final = "1"
@@ -83,6 +82,10 @@ def bad_input(exc: BadInput) -> Response:
     return json_response(400, formats.error_doc(exc.message, exc.field))
 
 
+def refused(refusal: Refusal) -> Response:
+    return json_response(refusal.status, formats.error_doc(refusal.message), refusal.headers)
+
+
 def unavailable(exc: Unavailable) -> Response:
     return json_response(503, formats.error_doc(exc.message), {"Retry-After": RETRY_AFTER_S})
 
@@ -98,11 +101,12 @@ class Gateway:
         self.base = settings.voice_agent_base_url
         self.reply_wait_s = max(0.1, settings.http_write_timeout_s - REPLY_MARGIN_S)
         self.pools = PoolView(redis, self.keys, settings.tier_config())
-        self.max_body_bytes = MAX_BODY_BYTES
+        self.max_body_bytes = settings.gateway_max_body_bytes
+        self.guard = Guard(settings)
 
     # --- input -------------------------------------------------------------------
     async def body(self, request: Request) -> bytes:
-        """The request body, refused past :data:`MAX_BODY_BYTES` before anything parses it."""
+        """The request body, refused past ``GATEWAY_MAX_BODY_BYTES`` before anything parses it."""
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             raise BadInput(f"request body larger than {self.max_body_bytes} bytes", "body")
@@ -192,31 +196,44 @@ class Gateway:
     async def _webhook(
         self,
         request: Request,
-        provider: str,
+        provider: Provider,
         id_field: str,
         stream: Callable[[str], bytes],
         failure: Callable[[str], bytes],
     ) -> Response:
-        """Twilio and Plivo: form in, XML out; the anchor answered every failure with HTTP 200."""
+        """Twilio and Plivo: form in, XML out; the anchor answered every failure with HTTP 200.
+
+        Before any of that: source, budget, size and signature (:mod:`gateway.guard`).
+        """
+        scope = request.scope
+        source = self.guard.source_of(scope)
+        refusal = self.guard.admit(scope, source)
+        if refusal is not None:
+            return refused(refusal)
+        content_type = request.headers.get("content-type", "")
         try:
             raw = await self.body(request)
-            form = formats.form_values(
-                raw, request.headers.get("content-type", ""), request.url.query
-            )
         except BadInput as exc:
-            if exc.message == "invalid form data":
-                return xml_response(failure("invalid form data"))
             return bad_input(exc)
+        refusal = self.guard.verify(scope, source, provider, raw, content_type)
+        if refusal is not None:
+            return refused(refusal)
+        try:
+            form = formats.form_values(raw, content_type, request.url.query)
+        except BadInput:
+            return xml_response(failure("invalid form data"))
         call_id = form.get(id_field, "")
         if not call_id:
             return xml_response(failure(f"missing {id_field}"))
         query = formats.query_values(request.url.query)
         flow = query.get("flow") or "v2"
         template = query.get("template") or formats.default_template(provider)
+        merchant = query.get("reseller_id", "")
+        refusal = self.guard.merchant(scope, source, merchant)
+        if refusal is not None:
+            return refused(refusal)
         try:
-            reply = await self.allocate(
-                call_id, query.get("reseller_id", ""), provider, flow, template
-            )
+            reply = await self.allocate(call_id, merchant, provider, flow, template)
         except BadInput:
             return xml_response(failure(f"invalid {id_field}"))
         except Unavailable as exc:
@@ -240,10 +257,24 @@ class Gateway:
         )
 
     async def allocate_exotel(self, request: Request) -> Response:
+        scope = request.scope
+        source = self.guard.source_of(scope)
+        refusal = self.guard.admit(scope, source)
+        if refusal is not None:
+            return refused(refusal)
         try:
-            body = formats.decode_json(await self.body(request), formats.ExotelBody)
+            raw = await self.body(request)
+            refusal = self.guard.verify(
+                scope, source, "exotel", raw, request.headers.get("content-type", "")
+            )
+            if refusal is not None:
+                return refused(refusal)
+            body = formats.decode_json(raw, formats.ExotelBody)
             if not body.call_sid:
                 raise BadInput("missing CallSid", "CallSid")
+            refusal = self.guard.merchant(scope, source, body.reseller_id)
+            if refusal is not None:
+                return refused(refusal)
             flow = body.flow or "v2"
             template = body.template or formats.default_template("exotel")
             reply = await self.allocate(body.call_sid, body.reseller_id, "exotel", flow, template)

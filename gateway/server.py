@@ -114,6 +114,8 @@ class GatewayServer:
             )
             async with client, anyio.create_task_group() as tg:
                 self.gateway = gateway = Gateway(s, client, redis)
+                for warning in gateway.guard.warnings():
+                    log.warning("%s", warning)
                 with contextlib.suppress(Exception):
                     await gateway.pools.refresh()
                 await tg.start(gateway.pools.run)

@@ -77,7 +77,7 @@ async def wait_for(
 def env_clean(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """Remove every tierpool-relevant variable from the environment for the test."""
     for name in list(os.environ):
-        if name.startswith(("TIERPOOL_", "TIER_CONFIG")) or name in {
+        if name.startswith(("TIERPOOL_", "TIER_CONFIG", "GATEWAY_")) or name in {
             "REDIS_URL",
             "LEASE_TTL",
             "DRAINING_TTL",
@@ -90,6 +90,9 @@ def env_clean(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
             "HTTP_WRITE_TIMEOUT",
             "HTTP_IDLE_TIMEOUT",
             "HTTP_SHUTDOWN_TIMEOUT",
+            "TWILIO_AUTH_TOKEN",
+            "PLIVO_AUTH_TOKEN",
+            "EXOTEL_BASIC_AUTH",
             "METRICS_HOST",
             "LOG_LEVEL",
             "LOG_FORMAT",

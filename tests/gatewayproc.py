@@ -101,7 +101,11 @@ def spawn_gateway(
     """Start ``python -m tierpool gateway`` on a free ``HTTP_PORT``."""
     port = free_port()
     full = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("TIERPOOL_", "HTTP_"))},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("TIERPOOL_", "HTTP_", "GATEWAY_", "TWILIO_", "PLIVO_", "EXOTEL_"))
+        },
         "REDIS_URL": redis_url,
         "TIERPOOL_NAMESPACE": NAMESPACE,
         "HTTP_PORT": str(port),

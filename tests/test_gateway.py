@@ -292,9 +292,9 @@ async def test_bad_input_is_a_400_naming_the_field(
         for path, body, expected in cases:
             resp = await http.post(path, content=body)
             assert (resp.status_code, json_of(resp)) == (400, expected), (path, body)
-        huge = await http.post("/api/v1/allocate", content=b'{"call_sid":"' + b"x" * 70_000 + b'"}')
+        huge = await http.post("/api/v1/allocate", content=b'{"call_sid":"' + b"x" * 20_000 + b'"}')
         assert huge.status_code == 400
-        assert json_of(huge) == {"error": "request body larger than 65536 bytes", "field": "body"}
+        assert json_of(huge) == {"error": "request body larger than 16384 bytes", "field": "body"}
         twilio_huge = await http.post(
             "/api/v1/twilio/allocate", content=b"CallSid=" + b"x" * 70_000
         )

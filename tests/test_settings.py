@@ -111,6 +111,17 @@ def test_every_variable_is_read() -> None:
         "HTTP_WRITE_TIMEOUT": "7s",
         "HTTP_IDLE_TIMEOUT": "2m",
         "HTTP_SHUTDOWN_TIMEOUT": "0",
+        "TWILIO_AUTH_TOKEN": "tw-secret",
+        "PLIVO_AUTH_TOKEN": "pl-secret",
+        "EXOTEL_BASIC_AUTH": "exo:pw",
+        "GATEWAY_PUBLIC_URL": "https://voice.example.com/router/",
+        "GATEWAY_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1",
+        "GATEWAY_ALLOW_FROM": "203.0.113.0/24",
+        "GATEWAY_SOURCE_RATE": "2.5",
+        "GATEWAY_SOURCE_BURST": "5",
+        "GATEWAY_MERCHANT_RATE": "10",
+        "GATEWAY_MERCHANT_BURST": "20",
+        "GATEWAY_MAX_BODY_BYTES": "4096",
         "TIERPOOL_NAMESPACE": "eu-west:1",
         "POD_TTL": "30s",
         "REPLY_TTL": "2m",
@@ -148,6 +159,21 @@ def test_every_variable_is_read() -> None:
     assert s.voice_agent_base_url == "wss://agents.example.com"  # trailing slash dropped
     assert (s.http_port, s.http_read_timeout_s, s.http_write_timeout_s) == (8181, 3, 7)
     assert (s.http_idle_timeout_s, s.http_shutdown_timeout_s) == (120, 0)
+    assert (s.twilio_auth_token, s.plivo_auth_token, s.exotel_basic_auth) == (
+        "tw-secret",
+        "pl-secret",
+        "exo:pw",
+    )
+    assert s.gateway_public_url == "https://voice.example.com/router"
+    assert s.gateway_trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32")
+    assert s.gateway_allow_from == ("203.0.113.0/24",)
+    assert (s.gateway_source_rate, s.gateway_source_burst) == (2.5, 5)
+    assert (s.gateway_merchant_rate, s.gateway_merchant_burst) == (10, 20)
+    assert s.gateway_max_body_bytes == 4096
+    shown = s.describe()
+    for name in ("TWILIO_AUTH_TOKEN", "PLIVO_AUTH_TOKEN", "EXOTEL_BASIC_AUTH"):
+        assert shown[name] == "***"
+    assert "secret" not in repr(shown) and "exo:pw" not in repr(shown)
     assert (s.redis_max_retries, s.redis_dial_timeout_s) == (0, 2)  # -1: go-redis's "none"
     assert s.pod_name == "smart-router-7c9f-x2"
     assert (s.namespace, s.pod_ttl_s, s.reply_ttl_s) == ("eu-west:1", 30, 120)
