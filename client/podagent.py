@@ -4,7 +4,9 @@ A pod announces itself with ``register`` and is assigned a pool; it then
 heartbeats every ``heartbeat_s``, listing the calls it serves so that their
 leases are renewed. When Redis lost its data (a restart without
 persistence) a heartbeat is answered ``unknown_pod`` and the agent registers
-again at once, so pods come back without being restarted.
+again at once, so pods come back without being restarted; the register lists
+the calls the pod serves, so Redis restores them before the pod can be given
+a new one (contract v1.1: the pod is the witness of its own calls).
 
 Shutting down is two-phase, because the anchor's rollouts killed live calls
 (digest §14.15): the agent first drains itself (no new calls), keeps
@@ -166,6 +168,7 @@ class PodAgent:
                     zone=self.zone,
                     capability=self.capability,
                     labels=self.labels,
+                    calls=tuple(sorted(self.calls)) if self.report_calls else None,
                 )
             )
             if reply is not None and reply.status == "registered":

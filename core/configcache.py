@@ -102,10 +102,16 @@ def describe(snap: ConfigSnapshot) -> str:
     """A snapshot for logs. Policies are re-encoded from their schema, never copied
     from Redis, so nothing but ``MerchantPolicy``'s four fields is ever printed."""
     count = len(snap.merchants)
+    unreadable = (
+        f"; {len(snap.unreadable)} that cannot be read, whose merchants' requests are "
+        f"rejected: {', '.join(sorted(snap.unreadable))}"
+        if snap.unreadable
+        else ""
+    )
     return (
         f"config version {snap.version} (pools {', '.join(snap.config.pools)}), "
         f"merchants version {snap.merchants_version} ({count} "
-        f"polic{'y' if count == 1 else 'ies'}; `tierpool merchant get` lists them)"
+        f"polic{'y' if count == 1 else 'ies'}{unreadable}; `tierpool merchant get` lists them)"
     )
 
 

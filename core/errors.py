@@ -135,3 +135,35 @@ class ReplyMismatch(TierpoolError):
         self.request_id = request_id
         self.problem = problem
         super().__init__(f"the reply to {request_id} is not this request's: {problem}")
+
+
+REFUSAL_CODES = frozenset(
+    {
+        "OOM",  # used_memory over maxmemory with noeviction
+        "READONLY",  # a replica (a demoted primary after a failover)
+        "MISCONF",  # stop-writes-on-bgsave-error after a failed save
+        "BUSY",  # a script or function runs past busy-reply-threshold
+        "LOADING",  # loading its dataset after a restart
+        "MASTERDOWN",  # a replica that lost its primary (replica-serve-stale-data no)
+        "NOREPLICAS",  # min-replicas-to-write not met
+        "TRYAGAIN",  # cluster: slot being migrated
+        "CLUSTERDOWN",
+    }
+)
+"""Error codes with which Redis refuses work for its own reasons (guarantee 5)."""
+
+
+def write_refusal(exc: BaseException) -> str | None:
+    """Why Redis refused work, when ``exc`` is such a refusal; None otherwise.
+
+    A refusal is Redis's state (out of memory, read-only, a failed save, a
+    busy script), never the request's fault: the entry stays pending and is
+    tried again once writes succeed, and is never dead-lettered for it. The
+    error code is the first word of the reply (``BUSYGROUP``, a bad request's
+    error, is another word).
+    """
+    text = str(exc)
+    code = text.split(" ", 1)[0]
+    if code in REFUSAL_CODES:
+        return text[:200]
+    return None

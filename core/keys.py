@@ -145,8 +145,18 @@ class Keys:
 
     @cached_property
     def pod_calls(self) -> str:
-        """Hash pod_id -> space-separated ids of its live calls."""
-        return f"{self.prefix}pod:calls"
+        """Sorted set of every pod's live calls: member ``{pod_id} {call_id}``, score 0.
+
+        A pod's calls are one ``ZRANGEBYLEX`` (``[{pod} `` to ``({pod}!``), so
+        removing a pod is linear in its calls (the old ``pod:calls`` hash of
+        space-separated strings made it quadratic).
+        """
+        return f"{self.prefix}pod:callset"
+
+    @staticmethod
+    def pod_calls_range(pod_id: str) -> tuple[str, str]:
+        """``ZRANGEBYLEX`` bounds of ``pod_id``'s members of :attr:`pod_calls`."""
+        return f"[{pod_id} ", f"({pod_id}!"
 
     @cached_property
     def pod_seen(self) -> str:
@@ -186,6 +196,24 @@ class Keys:
     def leases(self) -> str:
         """Sorted set call_id -> lease expiry, epoch ms. The leader reaps from here."""
         return f"{self.prefix}leases"
+
+    @cached_property
+    def processed(self) -> str:
+        """Sorted set of entries the scripts acknowledged since each stream's mark.
+
+        Member ``{kind}|{ms, 16 digits}-{seq}``, score 0; trimmed below
+        :attr:`processed_mark`. An entry delivered again by a consumer group
+        that Redis lost and that was created again is found here and skipped.
+        """
+        return f"{self.prefix}processed"
+
+    @cached_property
+    def processed_mark(self) -> str:
+        """Hash input-stream kind -> an entry id up to which every entry is processed.
+
+        Where a lost consumer group is created again (``workers/streams.py``).
+        """
+        return f"{self.prefix}processed:mark"
 
     # --- ours: leadership ----------------------------------------------------
     @cached_property

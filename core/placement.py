@@ -78,6 +78,21 @@ def place(req: AllocateRequest, snap: ConfigSnapshot) -> Placement:
     undo it.
     """
     cfg = snap.config
+    if req.merchant_id and req.merchant_id in snap.unreadable:
+        # Only this merchant is affected: its requests are rejected, with the reason.
+        return Placement(
+            (),
+            req.zone,
+            (
+                Reason(
+                    "merchant",
+                    f"the stored policy of merchant {req.merchant_id} cannot be read: "
+                    f"{snap.unreadable[req.merchant_id]}",
+                    "store the policy again (a config request with merchant_id and merchant), "
+                    "or remove it; a policy written by a newer release needs that release",
+                ),
+            ),
+        )
     policy = snap.merchants.get(req.merchant_id) if req.merchant_id else None
     zone = req.zone
     min_cap = req.min_capability or 1

@@ -38,7 +38,7 @@ from tierpool.core.errors import LeadershipLost
 from tierpool.core.keys import Keys
 from tierpool.core.leader import Leadership
 from tierpool.core.scripts import Call, _is_noscript
-from tierpool.core.state import Message, Outcome, PoolState, _outcome
+from tierpool.core.state import MAX_STEPS, Message, Outcome, PoolState, _outcome
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,17 @@ class FencedPods:
                 if isinstance(prepared, Outcome):
                     raise ValueError(f"pod source built an inapplicable message: {prepared}")
                 calls.append(prepared)
-            outcomes = [_outcome(r) for r in await self._fenced(calls)]
+            results = await self._fenced(calls)
+            for _step in range(MAX_STEPS):  # a pod with many calls is removed in steps
+                more = [
+                    n for n, r in enumerate(results) if isinstance(r, list) and r[:1] == ["more"]
+                ]
+                if not more:
+                    break
+                again = await self._fenced([calls[n] for n in more])
+                for n, r in zip(more, again, strict=True):
+                    results[n] = r
+            outcomes = [_outcome(r) for r in results]
             if not any(o.status == "stale" for o in outcomes):
                 return outcomes
             snap = await self.state.source.refresh()

@@ -93,6 +93,7 @@ PRELUDE_KEYS: tuple[tuple[str, str], ...] = (
     ("leases", "leases"),
     ("leader", "leader"),
     ("dead", "dead"),
+    ("done", "processed"),
 )
 """KEYS[1..]: (the prelude's ``K`` field, the :class:`Keys` attribute it holds).
 The first two vary per call (the source stream and the reply stream)."""

@@ -30,6 +30,13 @@ class ConfigSnapshot:
     config: TierConfig
     merchants: Mapping[str, MerchantPolicy] = field(default_factory=lambda: MappingProxyType({}))
     merchants_version: int = 0
+    unreadable: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Merchant -> why its stored policy cannot be read (an unknown key written
+    by hand or by a newer release). Only that merchant's requests are
+    rejected, with the reason (contract v1.1); everyone else is served."""
+    reserved: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Merchant -> the pool an unreadable policy names, when that much can be
+    read: the pool stays the merchant's, so no other tenant is placed in it."""
 
     @property
     def version(self) -> int:
@@ -45,10 +52,17 @@ class ConfigSnapshot:
         if cached is None:
             dedicated = dedicated_pools(self.config)
             cached = {
-                p.pool: m
-                for m, p in sorted(self.merchants.items())
-                if p.pool is not None and p.pool in dedicated
+                pool: m
+                for m, pool in sorted(self.reserved.items())
+                if pool in dedicated and m not in self.merchants
             }
+            cached.update(
+                {
+                    p.pool: m
+                    for m, p in sorted(self.merchants.items())
+                    if p.pool is not None and p.pool in dedicated
+                }
+            )
             object.__setattr__(self, "_owners", cached)
         return cached
 
@@ -68,6 +82,39 @@ def decode_policy(raw: str | bytes) -> MerchantPolicy:
     return _policy_decoder.decode(raw)
 
 
+def _named_pool(raw: str | bytes) -> str | None:
+    """The ``pool`` an unreadable policy names, when it is a JSON object with a string there."""
+    try:
+        doc = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    pool = doc.get("pool") if isinstance(doc, dict) else None
+    return pool if isinstance(pool, str) else None
+
+
+def decode_policies(
+    stored: Mapping[str, str | bytes],
+) -> tuple[dict[str, MerchantPolicy], dict[str, str], dict[str, str]]:
+    """Policies that can be read; why the others cannot; the pools those still name.
+
+    One bad policy must not stop the namespace (issue: a policy with an
+    unknown key plus a version bump stopped every allocation): it affects
+    only its merchant.
+    """
+    good: dict[str, MerchantPolicy] = {}
+    bad: dict[str, str] = {}
+    reserved: dict[str, str] = {}
+    for merchant, raw in stored.items():
+        try:
+            good[merchant] = decode_policy(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            bad[merchant] = str(exc)[:200]
+            pool = _named_pool(raw)
+            if pool is not None:
+                reserved[merchant] = pool
+    return good, bad, reserved
+
+
 async def read_snapshot(redis: Redis, keys: Keys, fallback: TierConfig) -> ConfigSnapshot | None:
     """Read config and merchants in one round trip; None when no config is stored.
 
@@ -83,8 +130,14 @@ async def read_snapshot(redis: Redis, keys: Keys, fallback: TierConfig) -> Confi
     if raw is None:
         return None
     config = parse_tier_config(raw, version=int(version or 0), strict=False)
-    merchants = {m: decode_policy(p) for m, p in (merchants_raw or {}).items()}
-    return ConfigSnapshot(config, MappingProxyType(merchants), int(mv or 0))
+    merchants, unreadable, reserved = decode_policies(merchants_raw or {})
+    return ConfigSnapshot(
+        config,
+        MappingProxyType(merchants),
+        int(mv or 0),
+        MappingProxyType(unreadable),
+        MappingProxyType(reserved),
+    )
 
 
 class SnapshotSource(Protocol):

@@ -17,7 +17,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from tierpool.core import placement
-from tierpool.core.errors import TierConfigError
+from tierpool.core.errors import TierConfigError, write_refusal
 from tierpool.core.keys import Keys
 from tierpool.core.masking import mask_text
 from tierpool.core.scripts import Call, CallBuilder, PoolTable, run_calls
@@ -51,6 +51,9 @@ Message = (
     | PodDeregister
 )
 
+MAX_STEPS = 1_000
+"""Steps of one pod removal run in a row (1,000 calls each: 1,000,000 calls)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -66,8 +69,10 @@ class Outcome:
 
     Besides reply statuses, ``status`` may be ``dup`` (another delivery already
     processed the entry: nothing happened, no reply), ``stale`` (still stale
-    after retries: nothing happened, the entry stays pending) or ``error``
-    (Redis refused the call: the entry stays pending and is retried).
+    after retries: nothing happened, the entry stays pending), ``refused``
+    (Redis refused the work for its own reasons -- out of memory, read-only,
+    busy: the entry stays pending and is retried, never dead-lettered for it)
+    or ``error`` (the call failed otherwise: the entry stays pending).
     """
 
     status: str
@@ -227,6 +232,8 @@ class PoolState:
                     fallback,
                     str(len(cands)),
                     *flat,
+                    "0" if msg.calls is None else "1",
+                    *(msg.calls or ()),
                 ),
             )
         if isinstance(msg, PodHeartbeat):
@@ -329,12 +336,33 @@ class PoolState:
                     )
                 calls.append(prepared)
             results = await run_calls(self.redis, calls) if calls else []
+            results = await self._finish_steps(calls, results)
             for i, res in zip(todo, results, strict=True):
                 out[i] = _outcome(res)
             todo = [i for i in todo if out[i].status == "stale"]
             return todo
 
         await retry_stale(self.source, attempt, bool, lambda stale: self.on_stale_retry(len(stale)))
+        return out
+
+    async def _finish_steps(self, calls: Sequence[Call], results: list[object]) -> list[object]:
+        """Run again the calls that answered ``{'more', n}`` until they finish.
+
+        Removing a pod with many calls takes several steps (``remove_pod`` in
+        ``_prelude.lua``), each a short script, so that no script holds Redis
+        for long; every step leaves a consistent state and the last one
+        replies and acknowledges. One round trip per step for the whole batch.
+        """
+        out = list(results)
+        for _ in range(MAX_STEPS):
+            todo = [
+                n for n, res in enumerate(out) if isinstance(res, list) and res and res[0] == "more"
+            ]
+            if not todo:
+                break
+            again = await run_calls(self.redis, [calls[n] for n in todo])
+            for n, res in zip(todo, again, strict=True):
+                out[n] = res
         return out
 
     async def apply(
@@ -457,11 +485,16 @@ def merchant_policy_problems(merchant_id: str, policy: object, snap: ConfigSnaps
 
 def _outcome(result: object) -> Outcome:
     if isinstance(result, BaseException):
+        refusal = write_refusal(result)
+        if refusal is not None:  # counted and logged, rate-limited, by the caller
+            return Outcome("refused", {"error": refusal})
         log.warning("script call failed: %s", result)
         return Outcome("error", {"error": str(result)})
     if not isinstance(result, list) or not result:
         return Outcome("error", {"error": f"unexpected script result {result!r}"})
     status = str(result[0])
+    if status == "more":  # a step of a removal still running (see PoolState._finish_steps)
+        return Outcome("more")
     if status == "stale":
         return Outcome(
             "stale", {"config_version": str(result[1]), "merchants_version": str(result[2])}

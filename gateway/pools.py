@@ -80,11 +80,11 @@ class PoolView:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(k.pod_pool, pod)
             pipe.zscore(k.pod_draining, pod)
-            pipe.hget(k.pod_calls, pod)
-            pool, until, calls = await pipe.execute()
+            pipe.zrangebylex(k.pod_calls, *k.pod_calls_range(pod), start=0, num=1)
+            pool, until, members = await pipe.execute()
         if not pool:
             return None
-        call_ids = (calls or "").split()
+        call_ids = [m.partition(" ")[2] for m in members]
         doc: dict[str, Any] = {
             "pod_name": pod,
             "tier": pool,

@@ -22,12 +22,18 @@ class _PodEventBase(Struct, frozen=True, kw_only=True, tag_field="event"):
 
 
 class PodRegister(_PodEventBase, frozen=True, kw_only=True, tag="register"):
-    """A pod announces itself; the leader assigns it a pool."""
+    """A pod announces itself and is assigned a pool.
+
+    ``calls`` (contract v1.1): the calls the pod serves, so that a pod
+    registering again after Redis lost its data brings them back (the pod is
+    the witness of its own calls). None when absent, as on heartbeats.
+    """
 
     endpoint: Endpoint
     zone: PodZone = "open"
     capability: Capability = 1
     labels: Labels = {}
+    calls: CallList | None = None
 
 
 class PodHeartbeat(_PodEventBase, frozen=True, kw_only=True, tag="heartbeat"):

@@ -21,11 +21,12 @@ async def read_state(r: Redis, keys: Keys, config: TierConfig) -> dict[str, Any]
             keys.pod_pool,
             keys.pod_zone,
             keys.pod_load,
-            keys.pod_calls,
+            keys.pod_capability,
             keys.calls,
             keys.pool_count,
         ):
             pipe.hgetall(k)
+        pipe.zrange(keys.pod_calls, 0, -1)
         pipe.zrange(keys.pod_seen, 0, -1, withscores=True)
         pipe.zrange(keys.pod_draining, 0, -1)
         pipe.zrange(keys.leases, 0, -1, withscores=True)
@@ -33,16 +34,21 @@ async def read_state(r: Redis, keys: Keys, config: TierConfig) -> dict[str, Any]
             pipe.zrange(keys.pool_free(name, "open"), 0, -1, withscores=True)
             pipe.zrange(keys.pool_free(name, "restricted"), 0, -1, withscores=True)
         res = await pipe.execute()
-    pools, zones, loads, pcalls, calls, counts, seen, draining, leases = res[:9]
+    pools, zones, loads, caps, calls, counts, members, seen, draining, leases = res[:10]
     free: dict[tuple[str, str], dict[str, float]] = {}
     for i, name in enumerate(config.pools):
-        free[(name, "open")] = dict(res[9 + 2 * i])
-        free[(name, "restricted")] = dict(res[10 + 2 * i])
+        free[(name, "open")] = dict(res[10 + 2 * i])
+        free[(name, "restricted")] = dict(res[11 + 2 * i])
+    pod_calls: dict[str, list[str]] = {p: [] for p in pools}
+    for m in members:
+        pod, _, call = m.partition(" ")
+        pod_calls.setdefault(pod, []).append(call)
     return {
         "pools": pools,
         "zones": zones,
+        "caps": {p: int(v) for p, v in caps.items()},
         "loads": {p: int(v) for p, v in loads.items()},
-        "pod_calls": {p: v.split() for p, v in pcalls.items()},
+        "pod_calls": pod_calls,
         "calls": {c: msgspec.json.decode(v) for c, v in calls.items()},
         "counts": {p: int(v) for p, v in counts.items()},
         "seen": dict(seen),
@@ -90,6 +96,15 @@ async def violations(
             out.append(f"call {c} has no lease")
         if rec.get("rzone") == "restricted" and rec.get("zone") != "restricted":
             out.append(f"restricted call {c} on open pod {pod}")
+        # the pod as it is now, not only as the record saw it (a pod cannot
+        # change zone or lower its capability under a call that needs them)
+        if rec.get("rzone") == "restricted" and s["zones"].get(pod) != "restricted":
+            out.append(f"restricted call {c} on pod {pod}, now of zone {s['zones'].get(pod)}")
+        if int(rec.get("rcap") or 1) > s["caps"].get(pod, 1):
+            out.append(
+                f"call {c} requires capability {rec.get('rcap')}, pod {pod} now has "
+                f"{s['caps'].get(pod)}"
+            )
         if owners and rec["pool"] in owners and rec.get("merchant") != owners[rec["pool"]]:
             out.append(
                 f"call {c} of merchant {rec.get('merchant')!r} in dedicated pool "

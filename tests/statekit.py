@@ -71,7 +71,12 @@ class Ops:
         return f"r{self.n}"
 
     async def register(
-        self, pod: str, zone: str = "open", capability: int = 1, now_ms: int | None = None
+        self,
+        pod: str,
+        zone: str = "open",
+        capability: int = 1,
+        now_ms: int | None = None,
+        calls: list[str] | None = None,
     ) -> Outcome:
         return await self.state.apply(
             PodRegister(
@@ -80,6 +85,7 @@ class Ops:
                 endpoint=f"http://{pod}:8080",
                 zone=zone,
                 capability=capability,
+                calls=None if calls is None else tuple(calls),
             ),
             now_ms=now_ms,
         )  # type: ignore[arg-type]

@@ -108,7 +108,7 @@ async def test_d6_release_removes_record_lease_and_capacity_together(r: Redis) -
     await ops.release("c1")
     assert await r.hlen(KEYS.calls) == 0
     assert await r.zcard(KEYS.leases) == 0
-    assert await r.hget(KEYS.pod_calls, "p0") == ""
+    assert await r.zcard(KEYS.pod_calls) == 0
     assert await r.zscore(KEYS.pool_free("gold", "open"), "p0") == 0.0
 
 

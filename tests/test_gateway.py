@@ -185,8 +185,8 @@ async def test_twilio_and_plivo_webhooks_answer_the_anchors_xml(
             data={"CallSid": "CA1", "From": "+15550001"},
         )
         assert (tw.status_code, tw.headers["content-type"]) == (200, "application/xml")
-        calls_p1 = await r.hget(KEYS.pod_calls, "p1")  # who got it
-        got = "p1" if calls_p1 == "CA1" else "p2"
+        calls_p1 = await r.zrangebylex(KEYS.pod_calls, *KEYS.pod_calls_range("p1"))  # who got it
+        got = "p1" if calls_p1 == ["p1 CA1"] else "p2"
         url = f"{BASE}/ws/pod/{got}{AGENT}/twilio/callback/welcome"
         assert (
             tw.content

@@ -68,6 +68,7 @@ class Model:
     pods: dict[str, dict[str, object]] = field(default_factory=dict)  # pod -> zone, cap
     draining: set[str] = field(default_factory=set)
     calls: dict[str, str] = field(default_factory=dict)  # call -> pod
+    needs: dict[str, tuple[str, int]] = field(default_factory=dict)  # call -> zone, capability
 
 
 def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
@@ -120,6 +121,16 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
                     capability=cap,
                 )
             )
+            # Contract v1.1: no zone change or lower capability under a call needing it.
+            blocked = pod in self.model.pods and any(
+                (self.model.needs[c][0] == "restricted" and zone != "restricted")
+                or self.model.needs[c][1] > cap
+                for c, p in self.model.calls.items()
+                if p == pod
+            )
+            if blocked:
+                assert out.status == "invalid", out
+                return
             assert out.status == "registered"
             self.model.pods[pod] = {"zone": zone, "cap": cap}
 
@@ -176,6 +187,8 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
                 pod = out.fields["pod_id"]
                 assert pod in expected_free, (out, expected_free)
                 self.model.calls[call] = pod
+                plan = place(req, snap)
+                self.model.needs[call] = (plan.zone, plan.min_capability)
                 load = sum(1 for p in self.model.calls.values() if p == pod)
                 assert load <= snap.config.tier(out.fields["pool"]).max_concurrent
             else:

@@ -124,7 +124,10 @@ class Claimer:
         try:
             await self.claim()
             await trim_streams(
-                self.ctx.redis, self.streams, backlog_warn=self.ctx.settings.stream_maxlen
+                self.ctx.redis,
+                self.streams,
+                backlog_warn=self.ctx.settings.stream_maxlen,
+                keys=self.ctx.keys,
             )
             await self.tidy_consumers()
         except REDIS_DOWN as exc:

@@ -74,7 +74,7 @@ class Consumer:
         while not self.control.stopping:
             with self.control.waiting():
                 try:
-                    await ensure_groups(self.ctx.redis, self.streams)
+                    await ensure_groups(self.ctx.redis, self.streams, self.ctx.keys)
                 except (*REDIS_DOWN, ResponseError) as exc:
                     self.ctx.health.group_joined = False
                     await self.outage.backoff(exc, "creating consumer groups")

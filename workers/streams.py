@@ -1,8 +1,13 @@
 """What the consumer and the claimer loops share, and keeping streams bounded.
 
-- The consumer group ``tierpool`` is created on every input stream from id
-  ``0``, not ``$``: entries a producer added before the first worker ever
-  started (or right after Redis came back empty) must be served, not skipped.
+- The consumer group ``tierpool`` is created on every input stream from the
+  stream's processed-up-to mark (``tp:{NS}:processed:mark``), or from id
+  ``0`` when there is none -- never ``$``: entries a producer added before the
+  first worker ever started, or while the group was gone, must be served,
+  not skipped. Entries after the mark that were processed before the group
+  was lost are in ``tp:{NS}:processed`` and the scripts answer ``dup`` for
+  them, so a lost group never replays (guarantee 6). The claimer's trim tick
+  moves the mark up and trims that set below it.
 - Redis errors are sorted here into the three cases a loop handles
   differently: Redis unreachable (back off and retry, logged once per
   outage), ``NOGROUP`` (Redis lost the group: create it again and go on —
@@ -66,15 +71,40 @@ def entry_ms(entry_id: str) -> int:
     return int(head) if head.isdigit() else 0
 
 
-async def ensure_groups(redis: Redis, streams: Sequence[str]) -> int:
+def stream_kind(stream: str) -> str:
+    """The last part of a stream key (``allocate``, ``pods``): its name in the processed set."""
+    return stream.rpartition(":")[2]
+
+
+def id_before(entry_id: str) -> str:
+    """The greatest stream id below ``entry_id`` ("0-0" for the first)."""
+    ms, _, seq = entry_id.partition("-")
+    m, n = int(ms or 0), int(seq or 0)
+    if n > 0:
+        return f"{m}-{n - 1}"
+    return f"{m - 1}-18446744073709551615" if m > 0 else "0-0"
+
+
+def _processed_floor(entry_id: str) -> str:
+    """The processed-set member prefix of ``entry_id``'s millisecond (see _prelude.lua)."""
+    return entry_id.partition("-")[0].rjust(16, "0")
+
+
+async def ensure_groups(redis: Redis, streams: Sequence[str], keys: Keys | None = None) -> int:
     """Create group ``tierpool`` on each stream that lacks it; the number created.
 
-    ``MKSTREAM`` so a worker may start before any producer. ``BUSYGROUP``
-    (the group exists) is the normal case; any other error is raised.
+    At the stream's processed-up-to mark when ``keys`` is given and a mark is
+    stored, else at ``0``. ``MKSTREAM`` so a worker may start before any
+    producer. ``BUSYGROUP`` (the group exists) is the normal case; any other
+    error is raised.
     """
+    marks: list[str | None] = [None] * len(streams)
+    if keys is not None:
+        stored = await redis.hmget(keys.processed_mark, [stream_kind(s) for s in streams])
+        marks = [m.decode() if isinstance(m, bytes) else m for m in stored]
     async with redis.pipeline(transaction=False) as pipe:
-        for stream in streams:
-            pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        for stream, mark in zip(streams, marks, strict=True):
+            pipe.xgroup_create(stream, GROUP, id=mark or "0", mkstream=True)
         answers = await pipe.execute(raise_on_error=False)
     created = 0
     for stream, answer in zip(streams, answers, strict=True):
@@ -85,6 +115,39 @@ async def ensure_groups(redis: Redis, streams: Sequence[str]) -> int:
         created += 1
         log.info("consumer group created", extra={"stream": stream, "group": GROUP})
     return created
+
+
+def processed_mark(info: StreamInfo) -> str | None:
+    """The id up to which every entry of the stream is processed, from its group.
+
+    Entries before the oldest pending one were delivered and acknowledged;
+    with nothing pending, every entry up to the last delivered one was.
+    """
+    if not info.has_group:
+        return None
+    if info.oldest_pending:
+        return id_before(info.oldest_pending)
+    return info.last_delivered or None
+
+
+async def keep_marks(redis: Redis, keys: Keys, infos: Sequence[StreamInfo]) -> None:
+    """Store each stream's processed-up-to mark and trim the processed set below it.
+
+    One MULTI, so the set never lacks an entry after a stored mark. Entries
+    of the mark's own millisecond stay in the set (the set is ordered by
+    millisecond only).
+    """
+    marks = [(info, processed_mark(info)) for info in infos]
+    marks = [(info, m) for info, m in marks if m and m != "0-0"]
+    if not marks:
+        return
+    async with redis.pipeline(transaction=True) as pipe:
+        for info, mark in marks:
+            assert mark is not None
+            kind = stream_kind(info.stream)
+            pipe.hset(keys.processed_mark, kind, mark)
+            pipe.zremrangebylex(keys.processed, f"[{kind}|", f"({kind}|{_processed_floor(mark)}")
+        await pipe.execute()
 
 
 class Outage:
@@ -195,15 +258,19 @@ _backlog_warned: dict[str, float] = {}
 
 
 async def trim_streams(
-    redis: Redis, streams: Sequence[str], *, backlog_warn: int
+    redis: Redis, streams: Sequence[str], *, backlog_warn: int, keys: Keys | None = None
 ) -> dict[str, int]:
     """Trim each stream up to its safe point; entries removed per stream.
 
-    Warns when a stream holds more than ``backlog_warn`` entries that may not
-    be trimmed. Two round trips in all. (The stream length, lag and pending
-    gauges are ``workers.gauges``'s, which reads the same figures.)
+    With ``keys``, also moves each stream's processed-up-to mark (see
+    :func:`keep_marks`). Warns when a stream holds more than ``backlog_warn``
+    entries that may not be trimmed. Two or three round trips in all. (The
+    stream length, lag and pending gauges are ``workers.gauges``'s, which
+    reads the same figures.)
     """
     infos = await read_infos(redis, streams)
+    if keys is not None:
+        await keep_marks(redis, keys, infos)
     points = [(info, info.trim_point) for info in infos if info.trim_point is not None]
     if not points:
         return {}

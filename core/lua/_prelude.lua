@@ -6,10 +6,10 @@
 --     any stream of the namespace: no entry is checked then)
 --   2 reply stream   3 events   4 config:version   5 merchants:version
 --   6 pod:pool  7 pod:endpoint  8 pod:zone  9 pod:capability  10 pod:labels
---   11 pod:load 12 pod:calls   13 pod:seen  14 pod:draining   15 pool:count
---   16 calls    17 leases      18 leader    19 dead letters
---   20.. pool table: per configured pool i (0-based), KEYS[20+2i] free:open
---        and KEYS[21+2i] free:restricted
+--   11 pod:load 12 pod:callset 13 pod:seen  14 pod:draining   15 pool:count
+--   16 calls    17 leases      18 leader    19 dead letters   20 processed
+--   21.. pool table: per configured pool i (0-based), KEYS[21+2i] free:open
+--        and KEYS[22+2i] free:restricted
 -- Fixed ARGV layout:
 --   1 now_ms ("" = Redis TIME)  2 entry_id ("" = not from a stream)
 --   3 request_id ("" = no reply)  4 deadline_ms ("" = none; 0 is long past)
@@ -26,6 +26,18 @@
 -- pool:{P}:free:{Z} with score = its load iff it is registered, assigned to
 -- P, of zone Z, alive (seen within pod_ttl), not draining, and its load is
 -- below P's max_concurrent.
+--
+-- pod:callset is one sorted set for the namespace, every score 0, member
+-- "{pod_id} {call_id}" (ids never hold a space): a pod's calls are one
+-- ZRANGEBYLEX, and ending one call or all of a pod's calls costs O(log N)
+-- per call, so removing a pod is linear in its calls.
+--
+-- processed is one sorted set, every score 0, member "{kind}|{ms:16 digits}-{seq}":
+-- the entries of each input stream acknowledged by a script since the
+-- stream's processed-up-to mark (workers/streams.py keeps the mark and trims
+-- the set below it). A consumer group Redis lost is created again at the mark,
+-- and an entry it delivers again that is in this set is a 'dup': nothing
+-- processed is ever replayed, nothing unprocessed skipped.
 
 local GROUP = 'tierpool'
 
@@ -35,7 +47,7 @@ local K = {
   pool = KEYS[6], endpoint = KEYS[7], zone = KEYS[8], cap = KEYS[9],
   labels = KEYS[10], load = KEYS[11], pcalls = KEYS[12], seen = KEYS[13],
   draining = KEYS[14], count = KEYS[15], calls = KEYS[16], leases = KEYS[17],
-  leader = KEYS[18], dead = KEYS[19],
+  leader = KEYS[18], dead = KEYS[19], done = KEYS[20],
 }
 
 local function clock(arg)
@@ -63,7 +75,7 @@ do
       name = ARGV[17 + 5 * i], max = tonumber(ARGV[18 + 5 * i]),
       zone = ARGV[19 + 5 * i], cap = tonumber(ARGV[20 + 5 * i]),
       dedicated = ARGV[21 + 5 * i] == '1',
-      open = KEYS[20 + 2 * i], restricted = KEYS[21 + 2 * i],
+      open = KEYS[21 + 2 * i], restricted = KEYS[22 + 2 * i],
     }
     P[p.name] = p
     POOLS[i + 1] = p
@@ -71,22 +83,40 @@ do
 end
 -- The script's own part: its first ARGV and its first KEYS (after the pool table).
 local ARG0 = 17 + 5 * #POOLS
-local KEY0 = 20 + 2 * #POOLS
+local KEY0 = 21 + 2 * #POOLS
 
 local function int(x) return string.format('%d', x) end
 
+-- The entry's member in the processed set (see the header).
+local function done_member()
+  local ms, seq = string.match(H.entry, '^(%d+)%-(%d+)$')
+  if ms == nil then return nil end
+  return string.match(K.stream, '[^:]+$') .. '|' .. string.rep('0', 16 - #ms) .. ms .. '-' .. seq
+end
+
 -- Step 1, exactly once: an entry no longer pending was processed by another
--- delivery. Returns false, or the number of deliveries so far (1 when the
--- call is not for a stream entry).
+-- delivery; an entry in the processed set was processed before its group was
+-- lost and created again (it is acknowledged now, and nothing else happens).
+-- Returns false, or the number of deliveries so far (1 when the call is not
+-- for a stream entry).
 local function still_pending()
   if H.entry == '' then return 1 end
   local p = redis.call('XPENDING', K.stream, GROUP, H.entry, H.entry, 1)
   if #p == 0 then return false end
+  local m = done_member()
+  if m and redis.call('ZSCORE', K.done, m) then
+    redis.call('XACK', K.stream, GROUP, H.entry)
+    return false
+  end
   return p[1][4]
 end
 
 local function ack()
-  if H.entry ~= '' then redis.call('XACK', K.stream, GROUP, H.entry) end
+  if H.entry ~= '' then
+    redis.call('XACK', K.stream, GROUP, H.entry)
+    local m = done_member()
+    if m then redis.call('ZADD', K.done, 0, m) end
+  end
 end
 
 -- The reply stream holds exactly one entry: a second delivery never adds one.
@@ -234,10 +264,31 @@ local function unindex(pod)
   end
 end
 
-local function split_calls(s)
-  local out = {}
-  if s then for c in string.gmatch(s, '%S+') do out[#out + 1] = c end end
+-- The ids of a pod's live calls (pod:calls, see the header).
+local function pod_call_ids(pod)
+  local out, skip = {}, #pod + 2
+  for _, m in ipairs(redis.call('ZRANGEBYLEX', K.pcalls, '[' .. pod .. ' ', '(' .. pod .. '!')) do
+    out[#out + 1] = string.sub(m, skip)
+  end
   return out
+end
+
+local function pod_call_add(pod, call_id)
+  redis.call('ZADD', K.pcalls, 0, pod .. ' ' .. call_id)
+end
+
+-- Variadic commands take at most this many arguments from one table (Lua's
+-- C stack limit is 8000): long lists go in chunks.
+local CHUNK = 1000
+
+-- redis.call(cmd, key, fixed..., items[i..j]) for every chunk of ``items``.
+local function chunked(cmd, key, items, fixed)
+  for i = 1, #items, CHUNK do
+    local args = {cmd, key}
+    for _, x in ipairs(fixed or {}) do args[#args + 1] = x end
+    for j = i, math.min(i + CHUNK - 1, #items) do args[#args + 1] = items[j] end
+    redis.call(unpack(args))
+  end
 end
 
 -- End one live call: its record, lease, place in the pod's list and one unit
@@ -249,13 +300,9 @@ local function end_call(call_id)
   redis.call('HDEL', K.calls, call_id)
   redis.call('ZREM', K.leases, call_id)
   local pod = rec.pod
-  local kept = {}
-  for _, c in ipairs(split_calls(redis.call('HGET', K.pcalls, pod))) do
-    if c ~= call_id then kept[#kept + 1] = c end
-  end
+  redis.call('ZREM', K.pcalls, pod .. ' ' .. call_id)
   local pool = redis.call('HGET', K.pool, pod)
   if pool then
-    redis.call('HSET', K.pcalls, pod, table.concat(kept, ' '))
     local load = redis.call('HINCRBY', K.load, pod, -1)
     if load < 0 then redis.call('HSET', K.load, pod, 0); load = 0 end
     refresh_free(pod, pool, load)
@@ -263,27 +310,120 @@ local function end_call(call_id)
   return rec
 end
 
--- Remove a pod and end its calls; returns the list of ended call ids.
+-- A pod is removed in steps of at most this many calls, so one script never
+-- holds Redis long however many calls the pod had (1,000 take about 3 ms).
+local REMOVE_STEP = 1000
+
+-- Remove a pod and end its calls: linear in its calls, in steps. Returns the
+-- ids ended by this step, the pod's pool, and whether the pod is gone. While
+-- calls are left the pod stays registered with the rest (a state like any
+-- other: the ended calls are simply over), out of its free index and marked
+-- draining, so it takes no new call; the caller runs the step again. Each
+-- ended call has its call_lost event; records, leases and list entries go
+-- with variadic commands (the pod's list is authoritative: records are
+-- deleted without being read).
 local function remove_pod(pod, why)
-  local ended = {}
-  for _, c in ipairs(split_calls(redis.call('HGET', K.pcalls, pod))) do
-    local rec = end_call(c)
-    if rec then
-      ended[#ended + 1] = c
-      event('call_lost', {'call_id', c, 'pod_id', pod, 'pool', rec.pool, 'reason', why})
-    end
+  local pool = redis.call('HGET', K.pool, pod)
+  local members = redis.call('ZRANGEBYLEX', K.pcalls, '[' .. pod .. ' ', '(' .. pod .. '!',
+                             'LIMIT', 0, REMOVE_STEP)
+  local ids, skip, at = {}, #pod + 2, int(H.now)
+  for i, m in ipairs(members) do
+    local c = string.sub(m, skip)
+    ids[i] = c
+    redis.call('XADD', K.events, '*', 'event', 'call_lost', 'at_ms', at, 'call_id', c,
+               'pod_id', pod, 'pool', pool or '', 'reason', why)
+  end
+  if #ids > 0 then
+    redis.call('XTRIM', K.events, 'MAXLEN', '~', H.events_max)
+    redis.call('HDEL', K.calls, unpack(ids))
+    redis.call('ZREM', K.leases, unpack(ids))
+    redis.call('ZREM', K.pcalls, unpack(members))
+  end
+  if #ids == REMOVE_STEP and #redis.call('ZRANGEBYLEX', K.pcalls, '[' .. pod .. ' ',
+                                         '(' .. pod .. '!', 'LIMIT', 0, 1) > 0 then
+    local load = redis.call('HINCRBY', K.load, pod, -#ids)
+    if load < 0 then redis.call('HSET', K.load, pod, 0) end
+    unindex(pod)
+    redis.call('ZADD', K.draining, H.now + H.draining_ttl, pod)
+    return ids, pool or '', false
   end
   unindex(pod)
-  local pool = redis.call('HGET', K.pool, pod)
   if pool and pool ~= '' then
     if redis.call('HINCRBY', K.count, pool, -1) <= 0 then redis.call('HDEL', K.count, pool) end
   end
-  for _, k in ipairs({K.pool, K.endpoint, K.zone, K.cap, K.labels, K.load, K.pcalls}) do
+  for _, k in ipairs({K.pool, K.endpoint, K.zone, K.cap, K.labels, K.load}) do
     redis.call('HDEL', k, pod)
   end
   redis.call('ZREM', K.seen, pod)
   redis.call('ZREM', K.draining, pod)
-  return ended, pool or ''
+  return ids, pool or '', true
+end
+
+-- The pod is the witness of its own calls (contract v1.1). ``listed``: the
+-- call ids the pod says it serves. Each one on this pod has its lease
+-- renewed; one Redis does not know (it lost data) is restored on this pod --
+-- record, lease, place in its list, load -- while the pod's pool has room; one
+-- held by another pod, or past the pool's limit, is a call_conflict event
+-- and is never placed twice. A call restored this way that the pod no
+-- longer lists is ended (it was only ever known from the pod's word: a
+-- heartbeat that crossed the call's release must not hold capacity for a
+-- whole lease). The caller refreshes the pod's free index afterwards.
+local function witness(pod, listed)
+  local lease = H.now + H.lease_ttl
+  local pool = redis.call('HGET', K.pool, pod) or ''
+  local p = P[pool]
+  local load = tonumber(redis.call('HGET', K.load, pod) or '0')
+  local zone = redis.call('HGET', K.zone, pod) or 'open'
+  local cap = tonumber(redis.call('HGET', K.cap, pod) or '1')
+  local renew, says = {}, {}
+  for _, c in ipairs(listed) do
+    says[c] = true
+    if redis.call('ZSCORE', K.pcalls, pod .. ' ' .. c) then
+      renew[#renew + 1] = lease
+      renew[#renew + 1] = c
+    else
+      local raw = redis.call('HGET', K.calls, c)
+      local other = raw and cjson.decode(raw).pod
+      if other == pod then  -- on this pod but missing from its list: list it again
+        pod_call_add(pod, c)
+        renew[#renew + 1] = lease
+        renew[#renew + 1] = c
+      elseif raw then
+        event('call_conflict', {'call_id', c, 'pod_id', pod, 'held_by', other,
+          'reason', 'the call is held by pod ' .. other .. '; not placed twice'})
+      elseif p == nil or load >= p.max then
+        event('call_conflict', {'call_id', c, 'pod_id', pod, 'pool', pool,
+          'reason', p and ('pod is at max_concurrent ' .. p.max .. ' of pool ' .. pool)
+                      or 'pod is in no configured pool'})
+      else
+        local rzone = 'any'
+        if zone == 'restricted' then rzone = 'restricted' end
+        redis.call('HSET', K.calls, c, cjson.encode({
+          pod = pod, pool = pool, merchant = '', zone = zone, rzone = rzone, rcap = cap,
+          at = int(H.now), url = '', rid = '', witness = 1}))
+        redis.call('ZADD', K.leases, lease, c)
+        pod_call_add(pod, c)
+        load = load + 1
+        redis.call('HSET', K.load, pod, load)
+        event('call_restored', {'call_id', c, 'pod_id', pod, 'pool', pool})
+      end
+    end
+  end
+  for i = 1, #renew, 2 * CHUNK do
+    local args = {'ZADD', K.leases, 'XX'}
+    for j = i, math.min(i + 2 * CHUNK - 1, #renew) do args[#args + 1] = renew[j] end
+    redis.call(unpack(args))
+  end
+  for _, c in ipairs(pod_call_ids(pod)) do
+    if not says[c] then
+      local raw = redis.call('HGET', K.calls, c)
+      if raw and string.find(raw, '"witness":1', 1, true) then
+        end_call(c)
+        event('call_ended', {'call_id', c, 'pod_id', pod, 'pool', pool,
+          'reason', 'restored from the pod, which no longer lists it'})
+      end
+    end
+  end
 end
 
 -- Leader scripts: nothing happens unless the caller holds the current lease.

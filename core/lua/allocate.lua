@@ -81,12 +81,10 @@ local function place(key, p, pod)
   local lease = H.now + H.lease_ttl
   redis.call('HSET', K.calls, call_id, cjson.encode({
     pod = pod, pool = p.name, merchant = merchant,
-    zone = redis.call('HGET', K.zone, pod), rzone = zone, at = int(H.now), url = url,
+    zone = redis.call('HGET', K.zone, pod), rzone = zone, rcap = min_cap, at = int(H.now), url = url,
     rid = H.rid}))
   redis.call('ZADD', K.leases, lease, call_id)
-  local cur = redis.call('HGET', K.pcalls, pod)
-  if cur and cur ~= '' then cur = cur .. ' ' .. call_id else cur = call_id end
-  redis.call('HSET', K.pcalls, pod, cur)
+  pod_call_add(pod, call_id)
   event('allocated', {'call_id', call_id, 'pod_id', pod, 'pool', p.name,
                       'merchant_id', merchant, 'load', int(load)})
   return finish('allocated', {

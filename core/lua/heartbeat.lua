@@ -6,10 +6,11 @@
 -- Returns {status, reply fields...}: alive | unknown_pod | expired | dup | stale.
 --
 -- Invariants: only the leases of calls that really are on this pod are
--- renewed (a pod cannot keep another pod's call alive); a pod that was
+-- renewed (a pod cannot keep another pod's call alive); listed calls Redis
+-- lost are restored, conflicting ones reported (witness, _prelude.lua); a pod that was
 -- skipped as silent returns to its free index; an unknown pod (e.g. after
--- Redis lost its data) is told so and must register again. No event: a
--- heartbeat is not a change anyone audits.
+-- Redis lost its data) is told so and must register again (listing its
+-- calls). No event for a plain heartbeat: it is not a change anyone audits.
 
 local early = begin()
 if early then return early end
@@ -19,13 +20,10 @@ if redis.call('HEXISTS', K.pool, pod) == 0 then
   return finish('unknown_pod', {'pod_id', pod})
 end
 redis.call('ZADD', K.seen, H.now, pod)
-local lease = H.now + H.lease_ttl
-for i = ARG0 + 2, #ARGV do
-  local c = ARGV[i]
-  local raw = redis.call('HGET', K.calls, c)
-  if raw and cjson.decode(raw).pod == pod then
-    redis.call('ZADD', K.leases, 'XX', lease, c)
-  end
+if ARGV[ARG0 + 1] == '1' then
+  local listed = {}
+  for i = ARG0 + 2, #ARGV do listed[#listed + 1] = ARGV[i] end
+  witness(pod, listed)
 end
 refresh_free(pod)
 return finish('alive', {'pod_id', pod})

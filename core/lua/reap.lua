@@ -3,7 +3,10 @@
 -- KEYS, ARGV 1-12+pools: the fixed layout in _prelude.lua (no entry, no reply).
 -- ARGV[ARG0..]: fencing token ({holder}:{term}), max items per kind.
 -- Returns {'fenced'}, {'stale', cfg_version, merchants_version} or
--- {'ok', leases ended, pods removed, drains lapsed}.
+-- {'ok', leases ended, pods removed, drains lapsed, more}: more is 1 when
+-- silent pods are left because this call already ended CALL_BUDGET of
+-- their calls, or removed a pod only in part (remove_pod works in steps):
+-- one script stays short however busy the removed pods were.
 --
 -- Invariants: nothing changes unless the caller holds the current leader
 -- lease; every repair reads an index (no SCAN) and is one atomic step; an
@@ -26,10 +29,14 @@ for _, c in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', H.now, 'LIMIT',
   leases = leases + 1
 end
 
-local pods = 0
+local CALL_BUDGET = REMOVE_STEP
+local pods, lost, more = 0, 0, 0
 local cutoff = '(' .. int(H.now - H.pod_ttl)
 for _, pod in ipairs(redis.call('ZRANGEBYSCORE', K.seen, '-inf', cutoff, 'LIMIT', 0, limit)) do
-  local ended, pool = remove_pod(pod, 'pod_silent')
+  if lost >= CALL_BUDGET then more = 1; break end
+  local ended, pool, gone = remove_pod(pod, 'pod_silent')
+  lost = lost + #ended
+  if not gone then more = 1; break end
   event('pod_lost', {'pod_id', pod, 'pool', pool, 'calls', #ended > 0 and cjson.encode(ended) or '[]'})
   pods = pods + 1
 end
@@ -41,4 +48,4 @@ for _, pod in ipairs(redis.call('ZRANGEBYSCORE', K.draining, '-inf', H.now, 'LIM
   event('drain_lapsed', {'pod_id', pod, 'pool', redis.call('HGET', K.pool, pod) or ''})
   drains = drains + 1
 end
-return {'ok', leases, pods, drains}
+return {'ok', leases, pods, drains, more}

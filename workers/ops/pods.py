@@ -51,10 +51,10 @@ async def read_pods(ops: Ops) -> tuple[list[dict[str, Any]], int]:
             k.pod_zone,
             k.pod_capability,
             k.pod_load,
-            k.pod_calls,
             k.pod_labels,
         ):
             pipe.hgetall(key)
+        pipe.zrange(k.pod_calls, 0, -1)
         pipe.zrange(k.pod_seen, 0, -1, withscores=True)
         pipe.zrange(k.pod_draining, 0, -1, withscores=True)
         pipe.get(k.config)
@@ -66,14 +66,18 @@ async def read_pods(ops: Ops) -> tuple[list[dict[str, Any]], int]:
             zone,
             cap,
             load,
-            calls,
             labels,
+            members,
             seen,
             draining,
             cfg_raw,
             cfg_version,
         ) = await pipe.execute()
     now_ms = int(secs) * 1000 + int(micros) // 1000
+    calls: dict[str, list[str]] = {}
+    for m in members:
+        pod_id, _, call_id = m.partition(" ")
+        calls.setdefault(pod_id, []).append(call_id)
     config = _config(cfg_raw, cfg_version)
     seen_ms = {p: int(s) for p, s in seen}
     drain_ms = {p: int(s) for p, s in draining}
@@ -103,7 +107,7 @@ async def read_pods(ops: Ops) -> tuple[list[dict[str, Any]], int]:
                 "capability": int(cap[pod]) if cap.get(pod) else None,
                 "load": pod_load,
                 "max_concurrent": max_concurrent,
-                "calls": (calls.get(pod) or "").split(),
+                "calls": calls.get(pod, []),
                 "last_seen_ms": last,
                 "draining_until_ms": drain_ms.get(pod),
                 "endpoint": endpoint.get(pod),
