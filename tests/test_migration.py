@@ -32,7 +32,7 @@ from tierpool.schemas import AllocateRequest, ConfigRequest
 from tierpool.schemas.messages import decode_reply, decode_request
 from tierpool.workers import http, metrics
 from tierpool.workers.context import WorkerContext
-from tierpool.workers.worker import connect_metrics
+from tierpool.workers.worker import connect_metrics, warn_about_anchor_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -587,3 +587,15 @@ def test_guide_covers_every_variable_metric_and_endpoint() -> None:
     ):  # fmt: skip
         assert endpoint in first_cells, endpoint
     assert "Side by side on one Redis" in text
+
+
+def test_worker_logs_each_tier_config_difference(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings.from_env(
+        {"TIER_CONFIG": '{"gold": {"type": "exclusive", "target": 1, "max_concurrent": 3}}'}
+    )
+    with caplog.at_level(logging.WARNING):
+        warn_about_anchor_settings(settings, {"TIER_CONFIG": "x", "REDIS_POOL_SIZE": "10"})
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("smart-router variable REDIS_POOL_SIZE ")
+    assert lines[1].startswith("TIER_CONFIG: tier 'gold': max_concurrent 3 read as 1")
