@@ -11,6 +11,8 @@ source uses, the way the API server does it:
   after version N (``ADDED``/``MODIFIED``/``DELETED``), held open until
   ``timeoutSeconds``; a version older than the last compaction gets the
   ``ERROR`` event with a ``410 Expired`` Status, as a real server sends it.
+  Without a version, the pods that exist now come as ``ADDED`` first (so a
+  deletion in a client's gap is lost to a client that reopens that way).
 
 Tests change pods with :meth:`FakeKube.put_pod` / :meth:`delete_pod`, cut
 every open watch with :meth:`drop_watches`, refuse new ones with
@@ -252,6 +254,18 @@ def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(b"0\r\n\r\n")
                 return
             try:
+                if not since:
+                    # No version: the current pods as ADDED, then what follows
+                    # (a deletion before this moment is never seen).
+                    with kube.cond:
+                        current = [
+                            p
+                            for _, p in sorted(kube.pods.items())
+                            if matches(selector, p["metadata"]["labels"])
+                        ]
+                        since = kube.version
+                    for pod in current:
+                        self._chunk({"type": "ADDED", "object": pod})
                 while True:
                     with kube.cond:
                         pending = [
