@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -53,6 +53,7 @@ REQUEST_ID_HEADER: Final = "x-request-id"
 _REQUEST_ID_OK: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:/-"
 )
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 QUIET_PATHS: Final = frozenset({"/api/v1/health", "/api/v1/ready"})
 """Probed every few seconds: logged at debug, as the anchor did."""
 
@@ -452,6 +453,8 @@ class Edge:
     def __init__(self, app: ASGIApp, patterns: dict[Any, str]) -> None:
         self.app = app
         self.patterns = patterns
+        # Metric children by (method, endpoint, status): ``labels()`` takes a lock each call.
+        self._children: dict[tuple[str, Any, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -491,26 +494,37 @@ class Edge:
                 )
         finally:
             elapsed = time.perf_counter() - start
-            endpoint = self.patterns.get(scope.get("endpoint"), "other")
             method = scope["method"]
-            labels = (method, endpoint, str(status))
-            metrics.http_requests.labels(*labels).inc()
-            metrics.http_request_duration.labels(*labels).observe(elapsed)
+            if method not in _METHODS:
+                method = "OTHER"  # a client's made-up method must not grow the labels
+            key = (method, scope.get("endpoint"), status)
+            children = self._children.get(key)
+            if children is None:
+                labels = (method, self.patterns.get(key[1], "other"), str(status))
+                children = (
+                    metrics.http_requests.labels(*labels),
+                    metrics.http_request_duration.labels(*labels),
+                )
+                self._children[key] = children
+            children[0].inc()
+            children[1].observe(elapsed)
             path = scope["path"]
-            log.log(
-                logging.DEBUG if path in QUIET_PATHS else logging.INFO,
-                "%s %s %d",
-                method,
-                path,
-                status,
-                extra={
-                    "request_id": request_id,
-                    "remote_addr": _client(scope),
-                    "user_agent": _header(scope, b"user-agent"),
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                },
-            )
+            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(
+                    level,
+                    "%s %s %d",
+                    method,
+                    path,
+                    status,
+                    extra={
+                        "request_id": request_id,
+                        "remote_addr": _client(scope),
+                        "user_agent": _header(scope, b"user-agent"),
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                    },
+                )
 
 
 def _header(scope: Scope, name: bytes) -> str:
