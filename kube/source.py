@@ -209,11 +209,11 @@ class _Sync:
             version = ""
         async with self.lock:
             self.view = view
-            self.deleted.clear()
             mine = await self.pods.labelled(SOURCE_LABEL, SOURCE_VALUE)
             gone = [name for name in mine if name not in view]
-            self.deleted.update(gone)
-            await self._sync_locked([*view, *gone], heartbeat=False)
+            # Deletions still unconfirmed (Redis was down) stay, unless the pod is back.
+            self.deleted = {n for n in self.deleted if n not in view} | set(gone)
+            await self._sync_locked([*view, *self.deleted], heartbeat=False)
         self.source.relists += 1
         log.info(
             "kubernetes: listed %d pods (%d ready) at version %s; %d no longer listed",
