@@ -158,12 +158,28 @@ def write_refusal(exc: BaseException) -> str | None:
 
     A refusal is Redis's state (out of memory, read-only, a failed save, a
     busy script), never the request's fault: the entry stays pending and is
-    tried again once writes succeed, and is never dead-lettered for it. The
-    error code is the first word of the reply (``BUSYGROUP``, a bad request's
-    error, is another word).
+    tried again once writes succeed, and is never dead-lettered for it.
+    redis-py turns some codes into classes and strips the code from the
+    message (``OOM`` -> ``OutOfMemoryError``); the others keep their code as
+    the first word (``BUSYGROUP``, a bad request's error, is another word).
+    A transaction discarded for a refused command is a refusal too.
     """
+    from redis import exceptions as rx
+
+    classes: tuple[tuple[type[BaseException], str], ...] = (
+        (rx.OutOfMemoryError, "OOM"),
+        (rx.ReadOnlyError, "READONLY"),
+        (rx.BusyLoadingError, "LOADING"),
+        (rx.MasterDownError, "MASTERDOWN"),
+        (rx.TryAgainError, "TRYAGAIN"),
+        (rx.ClusterDownError, "CLUSTERDOWN"),
+    )
     text = str(exc)
-    code = text.split(" ", 1)[0]
-    if code in REFUSAL_CODES:
+    for cls, code in classes:
+        if isinstance(exc, cls):
+            return f"{code} {text}"[:200]
+    if text.split(" ", 1)[0] in REFUSAL_CODES:
         return text[:200]
+    if isinstance(exc, rx.ExecAbortError) and exc.__cause__ is not None:
+        return write_refusal(exc.__cause__)
     return None

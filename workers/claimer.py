@@ -22,7 +22,10 @@ from typing import Any, Final
 import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from tierpool.core.clock import now_ms
+from tierpool.core.errors import write_refusal
 from tierpool.core.keys import GROUP
 from tierpool.core.scripts import Call, run_calls, script
 from tierpool.workers import metrics
@@ -122,6 +125,8 @@ class Claimer:
         """Claim, trim, tidy; a failure is logged and the next tick tries again."""
         failed: BaseException | None = None
         try:
+            if not await self.writes_accepted():
+                return
             await self.claim()
             await trim_streams(
                 self.ctx.redis,
@@ -132,6 +137,13 @@ class Claimer:
             await self.tidy_consumers()
         except REDIS_DOWN as exc:
             failed = exc
+        except ResponseError as exc:
+            reason = write_refusal(exc)
+            if reason is None:
+                log.exception("claimer tick failed")
+                metrics.worker_errors_total.labels("claimer").inc()
+            else:  # counted and logged, rate-limited; the next tick probes first
+                self.processor.refusals.refused(reason, 0)
         except Exception:
             log.exception("claimer tick failed")
             metrics.worker_errors_total.labels("claimer").inc()
@@ -141,6 +153,28 @@ class Claimer:
         if failed is not None:
             with self.control.waiting():
                 await self.outage.backoff(failed, "claiming")
+
+    async def writes_accepted(self) -> bool:
+        """Whether to claim now: not while Redis refuses this worker's writes.
+
+        A claim raises an entry's delivery count, and an entry claimed while
+        Redis refuses writes would fail anyway; so while refusals last, the
+        tick only probes with a write (this worker's heartbeat in
+        ``tp:{NS}:workers``) and claims again once it is accepted.
+        """
+        refusals = self.processor.refusals
+        if not refusals.reason:
+            return True
+        try:
+            await self.ctx.redis.zadd(self.ctx.keys.workers, {self.ctx.worker_id: now_ms()})
+        except ResponseError as exc:
+            reason = write_refusal(exc)
+            if reason is None:
+                raise
+            refusals.refused(reason, 0)
+            return False
+        refusals.accepted()
+        return True
 
     async def claim(self) -> int:
         """Take over entries pending too long on every stream; the number claimed."""
@@ -183,7 +217,10 @@ class Claimer:
                 raise answer
             if isinstance(answer, BaseException):
                 self.cursors[stream] = "0-0"
-                if not is_nogroup(answer):  # NOGROUP: the consumer recreates the group
+                reason = write_refusal(answer)
+                if reason is not None:  # READONLY, BUSY...: reported once, claimed later
+                    self.processor.refusals.refused(reason, 0)
+                elif not is_nogroup(answer):  # NOGROUP: the consumer recreates the group
                     log.warning("XAUTOCLAIM %s failed: %s", stream, answer)
                 continue
             self.cursors[stream] = str(answer[0])
@@ -239,12 +276,33 @@ class Claimer:
             if d.deliveries <= limit:
                 metrics.redeliveries_total.labels(self.kinds.get(d.stream, d.stream)).inc()
         try:
-            await self.processor.process(batch)
-        except REDIS_DOWN:
-            raise
+            await self.processor.process_until_written(
+                batch, self.control, on_refused=self._uncount
+            )
         except Exception:
             log.exception("processing %d claimed entries failed; they stay pending", len(batch))
             metrics.worker_errors_total.labels("claimer").inc()
+
+    async def _uncount(self, refused: Sequence[Delivery]) -> None:
+        """Give refused entries back the delivery count they had before this claim.
+
+        Redis refusing a write is not a failed delivery (guarantee 5): without
+        this, an outage longer than ``claim_min_idle_ms`` x ``max_deliveries``
+        would dead-letter valid entries. ``XCLAIM ... RETRYCOUNT`` is a write
+        Redis accepts even out of memory (it is not ``denyoom``).
+        """
+        async with self.ctx.redis.pipeline(transaction=False) as pipe:
+            for d in refused:
+                pipe.xclaim(
+                    d.stream,
+                    GROUP,
+                    self.ctx.worker_id,
+                    0,
+                    [d.entry_id],
+                    retrycount=max(0, d.deliveries - 1),
+                    justid=True,
+                )
+            await pipe.execute(raise_on_error=False)
 
     async def tidy_consumers(self) -> list[tuple[str, str]]:
         """Remove consumers silent for ``gc_idle_ms`` that own no pending entry."""

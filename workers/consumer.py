@@ -22,6 +22,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import ResponseError
 
+from tierpool.core.errors import write_refusal
 from tierpool.core.keys import GROUP
 from tierpool.workers import metrics
 from tierpool.workers.context import WorkerContext
@@ -98,6 +99,9 @@ class Consumer:
                 )
             except ResponseError as exc:
                 if not is_nogroup(exc):
+                    reason = write_refusal(exc)
+                    if reason is not None:  # a replica, a busy script: /readyz says so
+                        self.processor.refusals.refused(reason, 0)
                     await self.outage.backoff(exc, "reading")
                     return []
                 lost_group = True
@@ -121,18 +125,10 @@ class Consumer:
         return []
 
     async def _handle(self, batch: list[Delivery]) -> None:
-        failed: BaseException | None = None
-        with self.control.batch():
-            try:
-                await self.processor.process(batch)
-            except REDIS_DOWN as exc:
-                failed = exc
-            except Exception:
-                log.exception(
-                    "a batch of %d failed; it stays pending and will be claimed", len(batch)
-                )
-                metrics.worker_errors_total.labels("consumer").inc()
+        """Process a batch; what Redis refuses is retried here, in place, until written."""
+        try:
+            await self.processor.process_until_written(batch, self.control)
+        except Exception:
+            log.exception("a batch of %d failed; it stays pending and will be claimed", len(batch))
+            metrics.worker_errors_total.labels("consumer").inc()
         self.batches += 1
-        if failed is not None:
-            with self.control.waiting():
-                await self.outage.backoff(failed, "processing a batch")

@@ -41,10 +41,14 @@ class Health:
     config_loaded: bool = False
     group_joined: bool = False
     subscribed: bool = False
+    writes_refused: str = ""
+    """Why Redis refuses this worker's writes now (OOM, READONLY...); "" when it does not."""
 
     @property
     def ready(self) -> bool:
-        return self.redis_ok and self.config_loaded and self.group_joined
+        return (
+            self.redis_ok and self.config_loaded and self.group_joined and not self.writes_refused
+        )
 
 
 @dataclass

@@ -7,8 +7,9 @@ nothing more, and it keeps a web framework out of the dependencies.
 - ``/metrics``: every metric of :data:`tierpool.workers.metrics.REGISTRY`, Prometheus text format.
 - ``/healthz``: liveness. 200 as long as the event loop answers.
 - ``/readyz``: readiness. 200 only when Redis answers a PING *now*, the tier
-  config is loaded and the consumer group is joined (``ctx.health``);
-  otherwise 503 with a JSON body that lists what is missing.
+  config is loaded, the consumer group is joined and Redis accepts this
+  worker's writes (``ctx.health``); otherwise 503 with a JSON body that lists
+  what is missing (``writes_refused``: Redis's own words, e.g. OOM).
 - ``/health`` and ``/ready``: the anchor's paths for the same two probes
   (contract v1.1), so a smart-router deployment's probes keep working.
 
@@ -101,10 +102,12 @@ async def readiness(ctx: WorkerContext) -> tuple[bool, dict[str, object]]:
             redis_ok = bool(await ctx.redis.ping())
         except Exception as exc:  # any failure to answer is "not ready", with the reason
             log.debug("readyz: Redis PING failed: %s", exc)
+    refused = ctx.health.writes_refused
     checks = {
         "redis": redis_ok,
         "config_loaded": ctx.health.config_loaded,
         "group_joined": ctx.health.group_joined,
+        "writes": not refused,
     }
     missing = [name for name, ok in checks.items() if not ok]
     ready = not missing
@@ -114,6 +117,8 @@ async def readiness(ctx: WorkerContext) -> tuple[bool, dict[str, object]]:
         "missing": missing,
         "worker_id": ctx.worker_id,
     }
+    if refused:
+        body["writes_refused"] = refused
     return ready, body
 
 

@@ -28,7 +28,7 @@ from functools import partial
 import anyio
 from anyio.abc import TaskStatus
 
-from tierpool.core.errors import LeadershipLost, find_in_group
+from tierpool.core.errors import LeadershipLost, find_in_group, write_refusal
 from tierpool.core.leader import Election, Leadership
 from tierpool.core.podsource import FencedPods
 from tierpool.core.reconcile import publish_gauges, reap, reconcile
@@ -138,9 +138,15 @@ async def _every(name: str, interval_s: float, step: Step) -> None:
     while True:
         try:
             await step()
-        except Exception:
+        except Exception as exc:
             metrics.worker_errors_total.labels(loop=f"leader_{name}").inc()
-            log.exception("leader %s failed; next try in %.1fs", name, interval_s)
+            refusal = write_refusal(exc)
+            if refusal is not None:  # Redis's state, not a bug: one line, no traceback
+                log.warning(
+                    "leader %s: Redis refused (%s); next try in %.1fs", name, refusal, interval_s
+                )
+            else:
+                log.exception("leader %s failed; next try in %.1fs", name, interval_s)
         await anyio.sleep(interval_s)
 
 

@@ -12,14 +12,18 @@ from a silent consumer), so neither imports the other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
 
-from tierpool.core.clock import now_ms
-from tierpool.core.errors import InvalidMessage
+import anyio
+from redis.exceptions import ResponseError
+
+from tierpool.core.clock import monotonic_s, now_ms
+from tierpool.core.errors import InvalidMessage, write_refusal
 from tierpool.core.keys import GROUP
 from tierpool.core.logutil import LogLimit
 from tierpool.core.scripts import run_calls
@@ -28,15 +32,21 @@ from tierpool.schemas import REQUEST_KINDS, decode_pod_event, decode_request
 from tierpool.schemas.explain import usable_request_id
 from tierpool.schemas.fields import MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
 from tierpool.workers import metrics
-from tierpool.workers.context import WorkerContext
+from tierpool.workers.context import Health, WorkerContext
 from tierpool.workers.streams import (
+    BACKOFF_CAP_S,
+    BACKOFF_FIRST_S,
     REDIS_DOWN,
     Delivery,
+    LoopControl,
     entry_ms,
     stream_kinds,
 )
 
 log = logging.getLogger(__name__)
+
+REFUSAL_LOG_EVERY_S: Final = 10.0
+"""While Redis refuses writes, one log line per this interval, with counts."""
 
 DEAD_VALUE_CHARS: Final = 1024
 """An oversized entry is kept in the dead-letter stream with values cut to this length."""
@@ -72,6 +82,58 @@ class _Bad:
     reason: str  # metric label: invalid | too_many_deliveries | internal_error
 
 
+class Refusals:
+    """Redis refusing writes (OOM, READONLY, MISCONF, BUSY...): readiness and one log line.
+
+    Shared by the loops of a worker. While refusals go on, ``health``
+    carries the reason (``/readyz`` answers 503 with it) and the log gets
+    one line per :data:`REFUSAL_LOG_EVERY_S` with counts, not one per
+    attempt (the anchor's workers wrote ~23,000 lines in 90 s); a line says
+    when writes succeed again.
+    """
+
+    def __init__(self, health: Health | None = None) -> None:
+        self.health = health
+        self.reason = ""
+        self.since: float | None = None
+        self._logged_at = -REFUSAL_LOG_EVERY_S
+        self._attempts = 0  # refused entry attempts since the last line
+        self.total = 0  # refused entry attempts since start (tests)
+
+    def refused(self, reason: str, entries: int) -> None:
+        now = monotonic_s()
+        if self.since is None:
+            self.since = now
+        self.reason = reason
+        self._attempts += entries
+        self.total += entries
+        if self.health is not None:
+            self.health.writes_refused = reason
+        if now - self._logged_at >= REFUSAL_LOG_EVERY_S:
+            log.warning(
+                "Redis refuses writes (%s) for %.1fs: %d entries kept pending (%d attempts "
+                "refused since the last report); retrying with backoff, nothing is dead-lettered",
+                reason,
+                now - self.since,
+                entries,
+                self._attempts,
+            )
+            self._logged_at, self._attempts = now, 0
+
+    def accepted(self) -> None:
+        """A write succeeded: refusals are over, if there were any."""
+        if self.since is not None:
+            log.info(
+                "Redis accepts writes again after %.1fs of refusals (%s)",
+                monotonic_s() - self.since,
+                self.reason,
+            )
+            self.since, self.reason, self._attempts = None, "", 0
+            self._logged_at = -REFUSAL_LOG_EVERY_S
+        if self.health is not None:
+            self.health.writes_refused = ""
+
+
 class Processor:
     """Turns a batch of deliveries into state changes, replies and dead letters.
 
@@ -83,6 +145,8 @@ class Processor:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.kinds = stream_kinds(ctx.keys)
+        self.refusals = Refusals(ctx.health)
+        self._refusal_reason = "refused"
         self._log_limit = LogLimit(log, "dead letters")
         self._decoders: dict[str, Callable[[Mapping[str, str]], Any]] = {
             ctx.keys.pods_stream: decode_pod_event
@@ -101,8 +165,10 @@ class Processor:
 
         Statuses besides reply statuses: ``dup`` (already processed by
         another delivery), ``stale``/``error`` (left pending, claimed and
-        retried later), ``deleted`` (the entry no longer exists). Raises the
-        Redis errors that mean Redis is down; the batch then stays pending.
+        retried later), ``refused`` (Redis refused the write: see
+        :meth:`process_until_written`), ``deleted`` (the entry no longer
+        exists). Raises the Redis errors that mean Redis is down; the batch
+        then stays pending.
         """
         statuses = ["error"] * len(batch)
         pools = [""] * len(batch)
@@ -147,6 +213,8 @@ class Processor:
             for j, (i, outcome) in enumerate(zip(good, outcomes, strict=True)):
                 statuses[i] = outcome.status
                 pools[i] = outcome.fields.get("pool", "")
+                if outcome.status == "refused":
+                    self._refusal_reason = outcome.fields.get("error", "refused")
                 if outcome.status == "invalid":
                     # Well-formed but inapplicable (a config that fails
                     # validation, a request_id in use): PoolState.run already
@@ -170,8 +238,51 @@ class Processor:
                 for d in gone:
                     pipe.xack(d.stream, GROUP, d.entry_id)
                 await pipe.execute()
+        refused = statuses.count("refused")
+        if refused:
+            self.refusals.refused(self._refusal_reason, refused)
+        elif len(statuses) > statuses.count("error"):
+            self.refusals.accepted()
         self._observe(batch, statuses, pools)
         return statuses
+
+    async def process_until_written(
+        self,
+        batch: Sequence[Delivery],
+        control: LoopControl,
+        on_refused: Callable[[Sequence[Delivery]], Any] | None = None,
+    ) -> None:
+        """Process ``batch``; retry what Redis refused, in place, until it is written.
+
+        An entry Redis refused (OOM, READONLY, MISCONF, BUSY) or could not
+        take (connection lost) stays pending and is tried again here with
+        backoff, without a new delivery: its delivery count does not grow,
+        so it is never dead-lettered as "too many deliveries" for Redis's
+        state (guarantee 5). Entries that failed otherwise are left to the
+        claimer, as before. Returns when nothing refused is left, or on stop
+        (what is left stays pending). ``on_refused`` sees each refused part
+        (the claimer restores the delivery counts its claim raised).
+        """
+        todo = list(batch)
+        delay = BACKOFF_FIRST_S
+        while todo:
+            with control.batch():
+                try:
+                    statuses = await self.process(todo)
+                except REDIS_DOWN as exc:
+                    statuses = ["refused"] * len(todo)
+                    self.refusals.refused(
+                        f"Redis unreachable: {exc or type(exc).__name__}", len(todo)
+                    )
+            todo = [d for d, st in zip(todo, statuses, strict=True) if st == "refused"]
+            if not todo or control.stopping:
+                return
+            if on_refused is not None:
+                with control.batch(), contextlib.suppress(*REDIS_DOWN, ResponseError):
+                    await on_refused(todo)
+            with control.waiting():
+                await anyio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_CAP_S)
 
     async def _run(
         self,
@@ -244,6 +355,11 @@ class Processor:
             d = batch[b.index]
             kind = self.kinds.get(d.stream, d.stream)
             if isinstance(result, BaseException):
+                refusal = write_refusal(result)
+                if refusal is not None:
+                    statuses[b.index] = "refused"
+                    self._refusal_reason = refusal
+                    continue
                 statuses[b.index] = "error"
                 log.warning("dead-lettering %s %s failed: %s", d.stream, d.entry_id, result)
                 continue
@@ -263,9 +379,12 @@ class Processor:
     def _observe(
         self, batch: Sequence[Delivery], statuses: Sequence[str], pools: Sequence[str]
     ) -> None:
+        """Metrics of a batch; a refused entry is counted once it is processed."""
         now = now_ms()
         metrics.batch_size.observe(len(batch))
         for d, status, pool in zip(batch, statuses, pools, strict=True):
+            if status == "refused":
+                continue
             kind = self.kinds.get(d.stream, d.stream)
             metrics.requests_total.labels(kind, status).inc()
             # Per pool, as the anchor counted (its dashboards' allocation rate

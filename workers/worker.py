@@ -27,10 +27,11 @@ from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
+from redis.exceptions import ResponseError
 
 from tierpool.core.anchorenv import unused_variable_warnings
 from tierpool.core.clock import now_ms
-from tierpool.core.errors import SettingsError, find_in_group
+from tierpool.core.errors import SettingsError, find_in_group, write_refusal
 from tierpool.core.keys import GROUP
 from tierpool.core.settings import Settings, unknown_tierpool_variables
 from tierpool.workers import gauges, http, leader, metrics
@@ -177,6 +178,9 @@ class Worker:
                     await pipe.execute()
             except REDIS_DOWN:
                 pass  # the consumer reports the outage; the next beat tries again
+            except ResponseError as exc:
+                if write_refusal(exc) is None:  # refusals are the processor's to report
+                    log.exception("worker heartbeat failed")
             except Exception:
                 log.exception("worker heartbeat failed")
             await anyio.sleep(BEAT_S)
