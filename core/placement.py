@@ -201,9 +201,10 @@ def _capability_reason(
     if not qualifying:
         action = f"add a tier of capability >= {required} to the tier config, or {lower}"
     elif widen and not flexible:
-        action = (
-            f"use tier_mode=flexible or put a pool of capability >= {required} in the chain "
-            f"({', '.join(widen)}), or {lower}"
+        # Whether tier_mode=flexible would help depends on free pods there:
+        # the allocate script suggests it (a "chain" reason) only when it would.
+        action = f"{lower}; pools of capability >= {required} outside the chain: " + ", ".join(
+            widen
         )
     else:
         action = f"{lower} (pools {', '.join(qualifying)} qualify and are tried)"

@@ -251,6 +251,10 @@ async def test_flexible_is_suggested_only_when_it_would_help(r: Redis) -> None:
         ("capacity", "silver"),
     ]
     assert not any("flexible" in x["suggested_action"] for x in flexible)
+    # silver qualifies by capability but is busy: flexible would not help, so no hint
+    busy_elsewhere = reasons_of(await ops.allocate("c6", chain=("gold",), min_capability=3))
+    assert [(x["filter"], x["pool"]) for x in busy_elsewhere] == [("capability", "gold")]
+    assert "flexible" not in busy_elsewhere[0]["suggested_action"]
     nowhere = reasons_of(await ops.allocate("c5", min_capability=5))
     assert [(x["filter"], x["pool"], x["required_capability"]) for x in nowhere] == [
         ("capability", "gold", 5),

@@ -152,7 +152,10 @@ for i = 1, ncand do
     if zone == 'restricted' then
       local restricted = restricted_count(p)
       local free_open = redis.call('ZCARD', p.open)
-      if restricted == 0 then
+      if pods == 0 then
+        add('capacity', name, 'pool ' .. name .. ' has no pods',
+          'register restricted pods that meet pool ' .. name .. ' (capability >= ' .. p.cap .. ')')
+      elseif restricted == 0 then
         add('zone', name, 'pool ' .. name .. ' has no restricted pod (' .. pods ..
           ' open pods, ' .. free_open .. ' of them free) and the call needs a restricted pod',
           'register restricted pods that meet pool ' .. name .. ' (capability >= ' .. p.cap .. ')')
