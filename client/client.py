@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Mapping, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -347,9 +348,9 @@ class TierpoolClient:
             fields,
             self.keys.reply(msg.request_id),
             self._timeout(timeout_s),
+            partial(_reply_problem, kind, msg),
         )
         assert reply is not None
-        _check_reply(kind, msg, reply)
         return reply
 
     def deadline_ms(self, within_s: float) -> int:
@@ -360,9 +361,9 @@ class TierpoolClient:
         return self.default_timeout_s if timeout_s is None else timeout_s
 
 
-def _check_reply(kind: StreamKind, msg: Request | PodEventMsg, reply: Reply) -> None:
-    """Refuse a reply that does not answer ``msg`` (contract v1.1: every reply
-    carries ``kind`` and echoes the request's ``call_id`` / ``pod_id``).
+def _reply_problem(kind: StreamKind, msg: Request | PodEventMsg, reply: Reply) -> str | None:
+    """What makes ``reply`` not the answer to ``msg``, or None (contract v1.1:
+    every reply carries ``kind`` and echoes the request's ``call_id`` / ``pod_id``).
 
     A reused request id makes a request read another one's reply; a producer
     with write access to reply keys could forge one. Either way the caller
@@ -379,8 +380,7 @@ def _check_reply(kind: StreamKind, msg: Request | PodEventMsg, reply: Reply) -> 
     subject = msg if isinstance(msg, DrainRequest | PodEventMsg) else None
     if subject is not None and reply.pod_id != subject.pod_id:
         problems.append(f"pod_id {reply.pod_id!r}, expected {subject.pod_id!r}")
-    if problems:
-        raise ReplyMismatch(msg.request_id or "", "; ".join(problems))
+    return "; ".join(problems) or None
 
 
 def _validate(kind: StreamKind, fields: Mapping[str, str]) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -50,6 +50,7 @@ from tierpool.core.errors import (
     ClientClosed,
     InvalidMessage,
     RedisUnavailable,
+    ReplyMismatch,
     RequestNotSent,
     RequestTimeout,
 )
@@ -73,6 +74,10 @@ def backoff_s(failures: int) -> float:
     return random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** min(failures, 10)))
 
 
+ReplyCheck = Callable[[Reply], str | None]
+"""What is wrong with a reply that does not answer the request, or None."""
+
+
 @dataclass(eq=False, slots=True)
 class _Pending:
     """One request on its way: queued, then sent, then answered (or abandoned)."""
@@ -81,6 +86,7 @@ class _Pending:
     stream: str
     fields: Mapping[str, str]
     reply_key: str | None  # None: no reply expected (a pod event sent without waiting)
+    check: ReplyCheck | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
     reply: Reply | None = None
     error: BaseException | None = None
@@ -199,10 +205,14 @@ class Mux:
         fields: Mapping[str, str],
         reply_key: str | None,
         timeout_s: float,
+        check: ReplyCheck | None = None,
     ) -> Reply | None:
         """XADD ``fields`` to ``stream`` and return the reply on ``reply_key``.
 
         With ``reply_key=None`` it returns None once the entry is written.
+        ``check`` says what is wrong with a reply that is not this request's
+        (None when it is): such a reply raises ReplyMismatch and is left in
+        place, for the request it does answer (a reused request id).
         Raises RequestTimeout when nothing came within ``timeout_s``
         (RequestNotSent when it was still queued: it is then never sent),
         RedisUnavailable when Redis refused the XADD, ClientClosed when the
@@ -210,7 +220,7 @@ class Mux:
         """
         if self._tg is None:
             raise RuntimeError("the client is not started: use `async with client:`")
-        pending = _Pending(request_id, stream, fields, reply_key)
+        pending = _Pending(request_id, stream, fields, reply_key, check)
         if reply_key is not None:
             if reply_key in self._waiters:
                 raise ValueError(f"request {request_id} is already waiting for a reply")
@@ -411,16 +421,26 @@ class Mux:
                     pending.resolve(error=RedisUnavailable("reading the reply refused", answer))
             return
         for key, entry in _xread_entries(answer):
-            if self.delete_replies:
-                self._to_delete.append(key)
             pending = self._waiters.pop(key, None)
             if pending is None:
+                if self.delete_replies:
+                    self._to_delete.append(key)
                 continue  # its requester gave up: the reply is only deleted
             self.stats.replies += 1
             try:
-                pending.resolve(decode_reply(entry))
+                reply = decode_reply(entry)
             except InvalidMessage as exc:
+                if self.delete_replies:
+                    self._to_delete.append(key)
                 pending.resolve(error=exc)
+                continue
+            problem = pending.check(reply) if pending.check is not None else None
+            if problem is not None:
+                pending.resolve(error=ReplyMismatch(pending.request_id, problem))
+                continue  # not ours: its own requester may still be waiting for it
+            if self.delete_replies:
+                self._to_delete.append(key)
+            pending.resolve(reply)
 
 
 async def _still_open(conn: AbstractConnection) -> bool:

@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import wait_for
-from tests.procs import KEYS, NAMESPACE, WorkerPool, reply, send
+from tests.procs import KEYS, NAMESPACE, WorkerPool, reply, send, settled
 from tests.statekit import Ops, make_state
 from tierpool.client import TierpoolClient
 from tierpool.core import placement
@@ -347,11 +347,19 @@ async def test_client_reusing_a_request_id_gets_an_error_not_the_other_pod(
         with pytest.raises(ReplyMismatch, match="call_id 'c1', expected 'c2'"):
             await second.allocate("c2", request_id="shared-id")
 
+    # The client may see the other reply before its own XADD went out (then it
+    # never sends it); when it did send it, the worker dead-lettered it.
+    sent = [f for _, f in await r.xrange(KEYS.request_stream("allocate")) if f["call_id"] == "c2"]
+
     async def dead_lettered() -> bool:
-        return any(f["error"] == "request_id in use" for _, f in await r.xrange(KEYS.dead))
+        dead = [f for _, f in await r.xrange(KEYS.dead)]
+        return len([f for f in dead if f["error"] == REQUEST_ID_IN_USE]) == len(sent)
 
     await wait_for(dead_lettered, timeout_s=20)
+    await wait_for(lambda: settled(r), timeout_s=20)
     assert await r.hkeys(KEYS.calls) == ["c1"]
+    # the second client left the reply it refused: it is the first request's
+    assert [f["call_id"] for _, f in await r.xrange(KEYS.reply("shared-id"))] == ["c1"]
 
 
 # --- issue 13 item 1 under load, through worker processes ----------------------------
