@@ -86,22 +86,36 @@ def test_mask_text_masks_every_url_in_free_text(text: str, shown: str) -> None:
     assert mask_text(text) == mask_text(mask_text(text))  # masking twice changes nothing
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Leave the root logger (and the loggers setup_logging tunes) as they were."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    tuned = {name: logging.getLogger(name).level for name in ("asyncio", "redis")}
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+    for name, old in tuned.items():
+        logging.getLogger(name).setLevel(old)
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_log_lines_are_masked_whoever_logs() -> None:
     """A library that logs a URL with a password (or an exception quoting one) is masked too."""
     out = io.StringIO()
     setup_logging(Settings(log_format="json"), stream=out)
+    logging.getLogger("some.library").warning(
+        "cannot reach %s", f"redis://tierpool-worker:{PASSWORD}@redis:6379/0"
+    )
     try:
-        logging.getLogger("some.library").warning(
-            "cannot reach %s", f"redis://tierpool-worker:{PASSWORD}@redis:6379/0"
-        )
-        try:
-            raise ConnectionError(f"refused by https://u:{PASSWORD}@cfg.example.com/t")
-        except ConnectionError:
-            logging.getLogger("x").exception("failed")
-        setup_logging(Settings(log_format="console"), stream=out)
-        logging.getLogger("y").info("url", extra={"url": f"http://u:{PASSWORD}@h/"})
-    finally:
-        setup_logging(Settings(), stream=io.StringIO())
+        raise ConnectionError(f"refused by https://u:{PASSWORD}@cfg.example.com/t")
+    except ConnectionError:
+        logging.getLogger("x").exception("failed")
+    setup_logging(Settings(log_format="console"), stream=out)
+    logging.getLogger("y").info("url", extra={"url": f"http://u:{PASSWORD}@h/"})
     lines = out.getvalue().splitlines()
     assert len(lines) >= 3
     assert leaks(lines) == []

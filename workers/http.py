@@ -197,8 +197,8 @@ class _Connections:
                 await anyio.lowlevel.checkpoint()  # let the evicted handler close its socket
 
     @contextlib.contextmanager
-    def opened(self) -> Iterator[None]:
-        self.open += 1
+    def owned(self) -> Iterator[None]:
+        """Around a handler: its connection, counted by the accept loop, is closed on exit."""
         try:
             yield
         finally:
@@ -218,7 +218,7 @@ class _Connections:
 
 
 async def _handle(ctx: WorkerContext, stream: SocketStream, conns: _Connections) -> None:
-    with conns.opened():
+    with conns.owned():
         async with stream:
             try:
                 head = b""
@@ -296,6 +296,7 @@ async def _accept_loop(
         if conns.limit < full_cap and anyio.current_time() - last_short > CAP_RESTORE_S:
             conns.limit = full_cap
         backoff = ACCEPT_BACKOFF_MIN_S
+        conns.open += 1  # counted now, not when the handler first runs
         tg.start_soon(_handle, ctx, stream, conns)
 
 
