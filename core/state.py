@@ -51,6 +51,9 @@ Message = (
     | PodDeregister
 )
 
+PLANS_KEPT = 1_024
+"""Distinct request shapes whose placement is kept per snapshot (then started afresh)."""
+
 MAX_STEPS = 1_000
 """Steps of one pod removal run in a row (1,000 calls each: 1,000,000 calls)."""
 
@@ -131,6 +134,8 @@ class PoolState:
         # The pool table of the config last used: it holds the config itself,
         # so the identity check can never match a different, newer object.
         self._last_table: tuple[TierConfig, PoolTable] | None = None
+        # Allocate placement arguments by request shape, for one snapshot.
+        self._plans: tuple[ConfigSnapshot, dict[tuple[object, ...], tuple[str, ...]]] | None = None
 
     # --- building calls -------------------------------------------------------
     def _table(self, cfg: TierConfig) -> PoolTable:
@@ -174,6 +179,46 @@ class PoolState:
             extra_keys=extra_keys,
         )
 
+    def _placement_args(self, msg: AllocateRequest, snap: ConfigSnapshot) -> tuple[str, ...]:
+        """The allocate script's arguments after call_id and merchant_id.
+
+        Placement is a pure function of the snapshot and a few request fields,
+        which most requests share, so the arguments (with the reasons already
+        JSON) are kept per snapshot instead of being worked out per message.
+        """
+        key = (
+            msg.merchant_id,
+            msg.chain,
+            msg.zone,
+            msg.min_capability,
+            msg.tier_mode,
+            msg.provider,
+            msg.flow,
+            msg.template,
+        )
+        plans = self._plans
+        if plans is None or plans[0] is not snap or len(plans[1]) >= PLANS_KEPT:
+            plans = self._plans = (snap, {})
+        args = plans[1].get(key)
+        if args is None:
+            plan = placement.place(msg, snap)
+            prefix, suffix = placement.session_url_parts(
+                self.settings.voice_agent_base_url, msg.provider, msg.flow, msg.template
+            )
+            reasons = msgspec.json.encode([r.as_dict() for r in plan.excluded]).decode()
+            args = plans[1][key] = (
+                plan.zone,
+                prefix,
+                suffix,
+                reasons,
+                str(plan.min_capability),
+                str(len(plan.widen)),
+                *plan.widen,
+                str(len(plan.candidates)),
+                *plan.candidates,
+            )
+        return args
+
     def prepare(
         self,
         msg: Message,
@@ -187,28 +232,11 @@ class PoolState:
         kind, echo = reply_subject(msg)
         common = _Origin(entry, msg.request_id, msg.deadline_ms, now_ms, kind, echo)
         if isinstance(msg, AllocateRequest):
-            plan = placement.place(msg, snap)
-            prefix, suffix = placement.session_url_parts(
-                self.settings.voice_agent_base_url, msg.provider, msg.flow, msg.template
-            )
-            reasons = msgspec.json.encode([r.as_dict() for r in plan.excluded]).decode()
             return self._call(
                 "allocate",
                 snap,
                 common,
-                (
-                    msg.call_id,
-                    msg.merchant_id or "",
-                    plan.zone,
-                    prefix,
-                    suffix,
-                    reasons,
-                    str(plan.min_capability),
-                    str(len(plan.widen)),
-                    *plan.widen,
-                    str(len(plan.candidates)),
-                    *plan.candidates,
-                ),
+                (msg.call_id, msg.merchant_id or "", *self._placement_args(msg, snap)),
                 guard_merchants=True,
                 extra_keys=(self.keys.merchants,),
             )

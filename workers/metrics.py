@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -246,6 +246,29 @@ def export_pools(pools: Iterable[str]) -> None:
     for pool in pools:
         allocations_total.labels(pool, "allocated")
         releases_total.labels(pool)
+
+
+class Children:
+    """The children of one labelled metric, each looked up once.
+
+    ``metric.labels(...)`` validates its values and takes a lock on every
+    call (about as much as the increment itself, several times per message
+    on the hot path): this keeps each child after its first lookup. The
+    label values come from fixed sets (stream kinds, statuses, configured
+    pools), so the dict stays small.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
