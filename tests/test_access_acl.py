@@ -2,8 +2,8 @@
 
 A private redis-server per test gets the users ``tierpool acl`` prints, with
 test passwords. A real worker process runs as ``tierpool-worker``; pod agents
-as ``tierpool-pod``; ``TierpoolClient`` as ``tierpool-producer``; the CLI as
-``tierpool-operator``. ``ACL LOG`` stays empty through all of it, and every
+as ``tierpool-pod``; ``TierpoolClient`` as ``tierpool-producer``; the CLI and
+the HTTP gateway as ``tierpool-operator``. ``ACL LOG`` stays empty through all of it, and every
 forbidden write answers NOPERM (and is logged). Password authentication
 (``requirepass``) is tested on its own.
 """
@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from tests.conftest import wait_for
+from tests.gatewayproc import running_gateway
 from tests.procs import WorkerPool
 from tests.test_access_secrets import leaks
 from tierpool.client.client import TierpoolClient
@@ -156,6 +158,16 @@ async def test_each_role_does_its_job_and_acl_log_stays_empty(
                 done = await anyio.to_thread.run_sync(lambda a=argv: tierpool_cli(*a, env=operator))
                 assert done.returncode == 0, (argv, done.stdout, done.stderr)
                 assert leaks([done.stdout, done.stderr], password("tierpool-operator")) == []
+
+            # The gateway drains pods and reads pool state: it runs as the operator.
+            async with running_gateway(url_of(acl_server, "tierpool-operator")) as (http, _):
+                resp = await http.post("/api/v1/allocate", json={"call_sid": "gw-1"})
+                assert resp.status_code == 200, resp.text
+                pod = msgspec.json.decode(resp.content)["pod_name"]
+                assert (await http.get(f"/api/v1/pod/{pod}")).status_code == 200
+                assert (await http.get("/api/v1/status")).status_code == 200
+                resp = await http.post("/api/v1/release", json={"call_sid": "gw-1"})
+                assert resp.status_code == 200, resp.text
 
             for agent in agents:
                 await agent.shutdown(grace_s=2)

@@ -26,7 +26,8 @@ to the request streams.
   already, so draining gives it nothing more); XREAD and DEL on ``reply:*``;
 - ``tierpool-operator``: the producer's rights, XADD to ``req:config`` and
   ``req:drain``, and read-only commands on every key of the namespace
-  (``status``, ``pods``, ``events``, ``dead``...).
+  (``status``, ``pods``, ``events``, ``dead``...); ``tierpool gateway``
+  runs as this role (it drains pods and reads pool state).
 
 Every role may also run the connection commands a client sends on its own
 (``HELLO``, ``PING``, ``SELECT``, ``CLIENT SETNAME``/``ID``) and ``TIME``;
