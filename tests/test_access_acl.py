@@ -115,6 +115,16 @@ def test_acl_prints_one_setuser_per_role_without_passwords() -> None:
     assert "(+xread +del ~tp:{eu}:reply:* ~tp:{us}:reply:*)" in producer
 
 
+def test_acl_namespaces_from_the_environment_and_bad_ones_refused() -> None:
+    done = tierpool_cli("acl", env={"TIERPOOL_NAMESPACE": "eu,us"})
+    assert done.returncode == 0, done.stderr
+    assert all("tp:{eu}:" in line and "tp:{us}:" in line for line in done.stdout.splitlines())
+    assert "password" in done.stderr  # the hint goes to stderr, stdout stays pipeable
+    bad = tierpool_cli("acl", "--namespace", "eu,{x}")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "{x}" in bad.stderr
+
+
 async def test_each_role_does_its_job_and_acl_log_stays_empty(
     acl_server: RedisProcess, admin: Redis, tmp_path: Path
 ) -> None:

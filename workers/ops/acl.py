@@ -39,10 +39,10 @@ state, the config or the audit and dead-letter streams.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import Final
 
-from tierpool.core.errors import SettingsError
 from tierpool.core.keys import ANCHOR_CONFIG_KEY, Keys, valid_namespace
 from tierpool.core.settings import Settings
 from tierpool.workers.ops.common import EXIT_OK, EXIT_USAGE, error, write
@@ -120,13 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    raw = args.namespace
-    if raw is None:
-        try:
-            raw = Settings.from_env().namespace
-        except SettingsError as exc:
-            error("acl", str(exc))
-            return EXIT_USAGE
+    # TIERPOOL_NAMESPACE is read as text: it may name several namespaces
+    # (one worker process each), and the users must reach all of them.
+    raw = args.namespace or os.environ.get("TIERPOOL_NAMESPACE") or Settings().namespace
     namespaces = [ns.strip() for ns in raw.split(",") if ns.strip()]
     bad = [ns for ns in namespaces if not valid_namespace(ns)]
     if not namespaces or bad:
