@@ -169,20 +169,34 @@ async def test_a_call_held_elsewhere_or_past_the_limit_is_a_conflict_not_a_place
     await _check(r, ops)
 
 
-async def test_a_restored_call_the_pod_stops_listing_ends(r: Redis) -> None:
-    """A heartbeat that crossed a release restores a call the pod is ending;
-    the next heartbeat without it gives the capacity back (not after a lease)."""
+async def test_a_restored_call_the_pod_stops_listing_ends_within_two_pod_ttls(
+    r: Redis,
+) -> None:
+    """A heartbeat that crossed a release restores a call the pod is ending:
+    known only from the pod's word, it gets a lease of 2 x POD_TTL (not the
+    15-minute LEASE_TTL), renewed only while the pod lists it."""
+    import time
+
+    from tierpool.core.leader import Election
+
     ops = Ops(await make_state(r, EXCLUSIVE))
     await ops.register("p0")
     await ops.allocate("c1")
     await ops.release("c1")
-    await ops.heartbeat("p0", ["c1"])  # sent before the pod learned of the release
+    now = int(time.time() * 1000)
+    await ops.heartbeat("p0", ["c1"], now_ms=now)  # sent before the pod learned of the release
     assert await r.hget(KEYS.pod_load, "p0") == "1"
-    await ops.heartbeat("p0", [])
+    ttl = ops.state.settings.pod_ttl_ms
+    assert await r.zscore(KEYS.leases, "c1") == now + 2 * ttl
+    later = now + 2 * ttl + 1
+    await ops.heartbeat("p0", [], now_ms=later)  # the pod no longer lists it
+    token = await Election(r, KEYS, "test-leader", 600_000, 1.0).try_acquire()
+    assert token is not None
+    res = await reap(ops.state, token, now_ms=later)
+    assert res.leases == 1 and res.pods == 0
     assert await r.hget(KEYS.pod_load, "p0") == "0"
     assert not await r.hexists(KEYS.calls, "c1")
-    assert (await ops.allocate("c2")).status == "allocated"
-    await _check(r, ops)
+    await _check(r, ops, now_ms=later)
 
 
 async def test_a_pod_cannot_leave_the_restricted_zone_under_a_restricted_call(

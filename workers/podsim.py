@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_BLOCK_MS: Final = 1_000
 """XREAD BLOCK on the audit log; below the connection's socket timeout (redis-py #3138)."""
-_CALL_OVER_EVENTS: Final = frozenset({"released", "lease_expired", "call_lost", "call_ended"})
+_CALL_OVER_EVENTS: Final = frozenset({"released", "lease_expired", "call_lost"})
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:

@@ -364,66 +364,53 @@ end
 -- renewed; one Redis does not know (it lost data) is restored on this pod --
 -- record, lease, place in its list, load -- while the pod's pool has room; one
 -- held by another pod, or past the pool's limit, is a call_conflict event
--- and is never placed twice. A call restored this way that the pod no
--- longer lists is ended (it was only ever known from the pod's word: a
--- heartbeat that crossed the call's release must not hold capacity for a
--- whole lease). The caller refreshes the pod's free index afterwards.
+-- and is never placed twice. A call restored this way is known only from the
+-- pod's word, so its lease is short (twice pod_ttl, renewed while the pod
+-- lists it): a heartbeat that crossed the call's release holds capacity
+-- only until then, when the reaper ends it. Cost: O(listed calls), never
+-- O(the pod's calls). The caller refreshes the pod's free index afterwards.
 local function witness(pod, listed)
   local lease = H.now + H.lease_ttl
+  local short = H.now + math.min(H.lease_ttl, 2 * H.pod_ttl)
   local pool = redis.call('HGET', K.pool, pod) or ''
   local p = P[pool]
   local load = tonumber(redis.call('HGET', K.load, pod) or '0')
   local zone = redis.call('HGET', K.zone, pod) or 'open'
   local cap = tonumber(redis.call('HGET', K.cap, pod) or '1')
-  local renew, says = {}, {}
+  local renew, relist = {}, {}
   for _, c in ipairs(listed) do
-    says[c] = true
-    if redis.call('ZSCORE', K.pcalls, pod .. ' ' .. c) then
-      renew[#renew + 1] = lease
+    local raw = redis.call('HGET', K.calls, c)
+    local mine = raw and string.match(raw, '"pod":"([^"]*)"') == pod
+    if mine then
+      relist[#relist + 1] = 0
+      relist[#relist + 1] = pod .. ' ' .. c
+      renew[#renew + 1] = string.find(raw, '"witness":1', 1, true) and short or lease
       renew[#renew + 1] = c
+    elseif raw then
+      local other = cjson.decode(raw).pod
+      event('call_conflict', {'call_id', c, 'pod_id', pod, 'held_by', other,
+        'reason', 'the call is held by pod ' .. other .. '; not placed twice'})
+    elseif p == nil or load >= p.max then
+      event('call_conflict', {'call_id', c, 'pod_id', pod, 'pool', pool,
+        'reason', p and ('pod is at max_concurrent ' .. p.max .. ' of pool ' .. pool)
+                    or 'pod is in no configured pool'})
     else
-      local raw = redis.call('HGET', K.calls, c)
-      local other = raw and cjson.decode(raw).pod
-      if other == pod then  -- on this pod but missing from its list: list it again
-        pod_call_add(pod, c)
-        renew[#renew + 1] = lease
-        renew[#renew + 1] = c
-      elseif raw then
-        event('call_conflict', {'call_id', c, 'pod_id', pod, 'held_by', other,
-          'reason', 'the call is held by pod ' .. other .. '; not placed twice'})
-      elseif p == nil or load >= p.max then
-        event('call_conflict', {'call_id', c, 'pod_id', pod, 'pool', pool,
-          'reason', p and ('pod is at max_concurrent ' .. p.max .. ' of pool ' .. pool)
-                      or 'pod is in no configured pool'})
-      else
-        local rzone = 'any'
-        if zone == 'restricted' then rzone = 'restricted' end
-        redis.call('HSET', K.calls, c, cjson.encode({
-          pod = pod, pool = pool, merchant = '', zone = zone, rzone = rzone, rcap = cap,
-          at = int(H.now), url = '', rid = '', witness = 1}))
-        redis.call('ZADD', K.leases, lease, c)
-        pod_call_add(pod, c)
-        load = load + 1
-        redis.call('HSET', K.load, pod, load)
-        event('call_restored', {'call_id', c, 'pod_id', pod, 'pool', pool})
-      end
+      local rzone = 'any'
+      if zone == 'restricted' then rzone = 'restricted' end
+      redis.call('HSET', K.calls, c, cjson.encode({
+        pod = pod, pool = pool, merchant = '', zone = zone, rzone = rzone, rcap = cap,
+        at = int(H.now), url = '', rid = '', witness = 1}))
+      redis.call('ZADD', K.leases, short, c)
+      pod_call_add(pod, c)
+      load = load + 1
+      redis.call('HSET', K.load, pod, load)
+      event('call_restored', {'call_id', c, 'pod_id', pod, 'pool', pool})
     end
   end
-  for i = 1, #renew, 2 * CHUNK do
-    local args = {'ZADD', K.leases, 'XX'}
-    for j = i, math.min(i + 2 * CHUNK - 1, #renew) do args[#args + 1] = renew[j] end
-    redis.call(unpack(args))
-  end
-  for _, c in ipairs(pod_call_ids(pod)) do
-    if not says[c] then
-      local raw = redis.call('HGET', K.calls, c)
-      if raw and string.find(raw, '"witness":1', 1, true) then
-        end_call(c)
-        event('call_ended', {'call_id', c, 'pod_id', pod, 'pool', pool,
-          'reason', 'restored from the pod, which no longer lists it'})
-      end
-    end
-  end
+  -- Renew the leases; list each call on the pod again (a no-op but for
+  -- calls allocated before pod:callset existed: an upgrade repairs itself).
+  chunked('ZADD', K.leases, renew, {'XX'})
+  chunked('ZADD', K.pcalls, relist, {'NX'})
 end
 
 -- Leader scripts: nothing happens unless the caller holds the current lease.
