@@ -148,6 +148,7 @@ REFUSAL_CODES = frozenset(
         "NOREPLICAS",  # min-replicas-to-write not met
         "TRYAGAIN",  # cluster: slot being migrated
         "CLUSTERDOWN",
+        "UNBLOCKED",  # a blocked read ended because the primary became a replica
     }
 )
 """Error codes with which Redis refuses work for its own reasons (guarantee 5)."""

@@ -119,3 +119,45 @@ async def test_out_of_memory_dead_letters_nothing_and_readyz_says_why(
             f"OOM for {OOM_S:.1f}s: a backlog of {len(new) + len(held)} requests drained "
             f"{drained_s:.2f}s after memory was freed"
         )
+
+
+async def test_a_demoted_primary_dead_letters_nothing_and_readyz_says_why(
+    redis_url: str, r: Redis, tmp_path: Path
+) -> None:
+    """Issue 12 item 1, READONLY: the primary becomes a replica (of a primary
+    that does not answer) while requests wait; then it is promoted again."""
+    from tierpool.workers.redisproc import free_port
+
+    with WorkerPool(redis_url, tmp_path, env=ENV) as pool:
+        workers = await pool.start(r, 1)
+        async with (
+            TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c,
+            anyio.create_task_group() as tg,
+        ):
+            agents = [PodAgent(c, f"pod{i}", f"http://pod{i}:8080") for i in range(2)]
+            for agent in agents:
+                await tg.start(agent.run)
+            calls = [f"ro{i}" for i in range(20)]
+            async with r.pipeline(transaction=True) as pipe:
+                for call in calls:
+                    pipe.xadd(
+                        KEYS.request_stream("allocate"), {"request_id": call, "call_id": call}
+                    )
+                pipe.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+                await pipe.execute()
+            t0 = monotonic_s()
+            seen_503: list[dict[str, object]] = []
+            while monotonic_s() - t0 < OOM_S:
+                status, body = await anyio.to_thread.run_sync(_readyz, workers[0].metrics_port)
+                if status == 503:
+                    seen_503.append(body)
+                await anyio.sleep(0.2)
+            await r.execute_command("REPLICAOF", "NO", "ONE")
+            got = await replies(r, calls, timeout_s=30)
+            for agent in agents:
+                tg.start_soon(agent.shutdown, 0.0)
+        assert await r.xlen(KEYS.dead) == 0
+        assert {x: [e["status"] for e in got[x]] for x in calls} == {
+            x: ["allocated"] for x in calls
+        }
+        assert any("READONLY" in str(b.get("writes_refused", "")) for b in seen_503), seen_503[:3]
