@@ -52,6 +52,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tierpool.core.clusterslot import ClusterMode, SlotOwner, namespace_slot, slot_pinned
+
 SOCKET_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 RETRIES = 3
@@ -73,6 +75,8 @@ class RedisTarget:
     url: str
     sentinels: Sequence[str] = ()
     sentinel_master: str = "mymaster"
+    cluster: ClusterMode = "auto"
+    """Redis Cluster: ``auto`` asks the server (``HELLO``), ``yes``/``no`` force it."""
 
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         out = []
@@ -198,6 +202,7 @@ def connect(
     max_connections: int = 64,
     retries: int = RETRIES,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    namespace: str | None = None,
 ) -> Redis:
     """An asyncio client with ``decode_responses=True`` and connection retries.
 
@@ -205,6 +210,10 @@ def connect(
     (``Settings.redis_target``), which may name Sentinels. ``retries`` and
     ``connect_timeout_s`` are the anchor's ``REDIS_MAX_RETRIES`` and
     ``REDIS_DIAL_TIMEOUT`` (same defaults) when a worker passes its settings.
+
+    On a Redis Cluster the client serves one ``namespace``: every connection
+    goes to the node that serves its slot (``core.clusterslot``). Without a
+    namespace, connecting to a cluster fails with a message saying so.
     """
     if isinstance(target, str):
         target = RedisTarget(target)
@@ -224,6 +233,8 @@ def connect(
         redis = _via_sentinels(target, options)
     else:
         redis = _Redis.from_url(target.url, **options)
+        if not target.url.startswith("unix:") and target.cluster != "no":
+            _pin_to_slot(redis.connection_pool, target, namespace)
     pool = redis.connection_pool
     if str(pool.connection_kwargs.get("encoding", "utf-8")).lower() in ("utf-8", "utf8"):
         pool.connection_class = _with_hiredis_packing(pool.connection_class)
@@ -277,3 +288,26 @@ def server_name(hello: object) -> str:
         if k == "server":
             return value.decode() if isinstance(value, bytes) else str(value)
     return ""
+
+
+def _pin_to_slot(pool: ConnectionPool, target: RedisTarget, namespace: str | None) -> None:
+    """Connections that go to the node serving ``namespace``'s slot when Redis is a cluster."""
+    url_options: dict[str, Any] = dict(parse_url(target.url))
+    seed = (str(url_options.pop("host", "localhost")), int(url_options.pop("port", 6379)))
+    url_options.pop("connection_class", None)
+    probe_kwargs = {**url_options, "decode_responses": True}
+    owner = SlotOwner(
+        seed,
+        None if namespace is None else namespace_slot(namespace),
+        target.cluster,
+        pool.connection_class,
+        probe_kwargs,
+    )
+    pool.connection_class = slot_pinned(pool.connection_class)
+    pool.connection_kwargs["slot_owner"] = owner
+
+
+async def is_cluster(redis: Redis) -> bool:
+    """Whether ``redis`` (made by :func:`connect`) talks to a Redis Cluster."""
+    owner = redis.connection_pool.connection_kwargs.get("slot_owner")
+    return isinstance(owner, SlotOwner) and await owner.is_cluster()

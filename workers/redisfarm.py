@@ -223,3 +223,130 @@ class SentinelSetup:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cluster_state(port: int) -> str | None:
+    try:
+        text = command(port, "CLUSTER", "INFO")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "cluster_state":
+            return value.strip()
+    return None
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(1000):
+        port = free_port()
+        if port + 10_000 > 65_535:
+            continue
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.bind(("127.0.0.1", port + 10_000))
+            return port
+    raise TierpoolError("no free port pair for a cluster node")
+
+
+class ClusterSetup:
+    """A Redis Cluster of ``masters`` masters, each with ``replicas`` replicas, all local.
+
+    Made with ``redis-cli --cluster create`` (slots split evenly, in order of
+    the masters' ports). ``node_timeout_ms`` is ``cluster-node-timeout``: how
+    long before a silent master is failed over to its replica.
+    """
+
+    def __init__(
+        self, masters: int = 3, replicas: int = 0, *, node_timeout_ms: int = 1_000
+    ) -> None:
+        self.masters = masters
+        self.replicas = replicas
+        self.nodes = [
+            RedisProcess(
+                cluster_port(),
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
+                    "--cluster-require-full-coverage",
+                    "no",
+                ),
+            )
+            for _ in range(masters * (1 + replicas))
+        ]
+
+    @property
+    def url(self) -> str:
+        """The first node's URL: any node will do, the client asks it for the rest."""
+        return self.nodes[0].url
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        try:
+            for n in self.nodes:
+                n.start()
+            args = ["redis-cli", "--cluster", "create"]
+            args += [f"127.0.0.1:{n.port}" for n in self.nodes]
+            args += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
+            done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+            if done.returncode != 0:
+                raise TierpoolError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}")
+            self.wait_ok(timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def alive(self) -> list[RedisProcess]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def wait_ok(self, timeout_s: float = 60.0) -> None:
+        """Until every live node says ``cluster_state:ok`` and agrees on the masters."""
+
+        def ok() -> bool:
+            alive = self.alive()
+            if any(_cluster_state(n.port) != "ok" for n in alive):
+                return False
+            views = {tuple(sorted(self.slot_masters(n.port).items())) for n in alive}
+            if len(views) != 1:
+                return False
+            masters = set(dict(next(iter(views))).values())
+            return all(
+                n.port in masters or info_field(n.port, "replication", "master_link_status") == "up"
+                for n in alive
+            )
+
+        wait_until("cluster ok", ok, timeout_s)
+
+    def slot_masters(self, port: int | None = None) -> dict[tuple[int, int], int]:
+        """(first slot, last slot) -> port of the master serving them, as one node sees it."""
+        import redis as syncredis
+
+        try:
+            with syncredis.Redis(port=port or self.alive()[0].port, socket_timeout=2) as r:
+                ranges = r.execute_command("CLUSTER", "SLOTS")
+        except (syncredis.RedisError, OSError):
+            return {}
+        return {(int(e[0]), int(e[1])): int(e[2][1]) for e in ranges}
+
+    def master_of(self, slot: int) -> int:
+        for (start, end), port in self.slot_masters().items():
+            if start <= slot <= end:
+                return port
+        raise TierpoolError(f"no master serves slot {slot}")
+
+    def node(self, port: int) -> RedisProcess:
+        return next(n for n in self.nodes if n.port == port)
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.close()
+
+    def __enter__(self) -> ClusterSetup:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
