@@ -130,7 +130,8 @@ class TierpoolClient:
         ``url`` may be a :class:`~tierpool.core.redisconn.RedisTarget`
         (``Settings.from_env().redis_target``) to reach Redis through Sentinels.
         """
-        client = cls(connect(url, client_name="tierpool-client"), namespace=namespace, **kwargs)
+        redis = connect(url, client_name="tierpool-client", namespace=namespace)
+        client = cls(redis, namespace=namespace, **kwargs)
         client._owns_redis = True
         return client
 

@@ -18,6 +18,15 @@ Redis ends a timed-out blocking read only at its next event-loop tick
 outstanding, p50/p99: unblock 0.6/1.2 ms, ``BLOCK 1`` 36/80 ms, ``BLOCK 10``
 33/106 ms; with none outstanding both add ~0.1 ms over a bare redis-py producer.
 
+On a Redis Cluster both connections go to the node serving the namespace's
+slot (``core.clusterslot``) and follow it when it moves. ``CLIENT UNBLOCK``
+names a client of one server, so the writer sends it only while it is
+connected to the very node (host and port) where the reader got its id; in
+between (a failover, a migration) the block's timeout bounds the wait. An
+``XADD`` answered ``MOVED``/``ASK``/``TRYAGAIN``/``CLUSTERDOWN`` did not
+happen: it is queued again and sent to the slot's node once known; a
+redirected read is read again there. Nothing waiting is failed for it.
+
 The connections have no redis-py retries, which would resend a batch that
 may have reached Redis and reconnect the reader behind our back (a new
 ``CLIENT ID``). A batch that failed before anything was sent is sent once
@@ -46,6 +55,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tierpool.core.clock import now_ms, redis_time_ms
+from tierpool.core.clusterslot import is_redirect
 from tierpool.core.errors import (
     ClientClosed,
     InvalidMessage,
@@ -110,6 +120,7 @@ class MuxStats:
     kicks: int = 0
     kick_misses: int = 0
     reconnects: int = 0
+    redirects: int = 0
 
 
 class Mux:
@@ -148,6 +159,7 @@ class Mux:
         self._reader_wake = anyio.Event()
         self._writer_wake = anyio.Event()
         self._reader_id: int | None = None
+        self._reader_node: tuple[str, int] | None = None  # where _reader_id is an id
         self._read_gen = 0
         self._blocked_gen: int | None = None  # the read now blocked in Redis, if any
         self._kick_gen: int | None = None  # the read the writer should unblock, if any
@@ -270,14 +282,19 @@ class Mux:
                     log.warning("tierpool client cannot reach Redis to send: %s", exc)
                 await anyio.sleep(backoff_s(failures))
                 continue
-            failures = 0
             try:
-                await self._send_batch(conn, batch, kick)
+                redirected = await self._send_batch(conn, batch, kick)
             except Exception as exc:  # a bug, not Redis: fail the batch, keep the loop
                 log.exception("tierpool client writer failed")
                 await conn.disconnect(nowait=True)
                 for p in batch:
                     p.resolve(error=exc)
+                continue
+            if redirected:  # the slot moves: ask again where, after a pause
+                failures += 1
+                await anyio.sleep(backoff_s(failures))
+            else:
+                failures = 0
 
     async def _connect_writer(self) -> None:
         conn = self._writer_conn
@@ -291,24 +308,30 @@ class Mux:
 
     async def _send_batch(
         self, conn: AbstractConnection, batch: list[_Pending], kick: int | None
-    ) -> None:
+    ) -> bool:
+        """Send ``batch``; True when the cluster redirected some of it (queued again)."""
         batch = [p for p in batch if not p.abandoned]  # none timed out while connecting
         commands: list[list[Any]] = []
+        if kick is not None and _node(conn) != self._reader_node:
+            kick = None  # another server: the id names some other client there
         if kick is not None:
             commands.append(["CLIENT", "UNBLOCK", self._reader_id])
         for p in batch:
             commands.append(["XADD", p.stream, "*", *(x for kv in p.fields.items() for x in kv)])
         if not commands:
-            return
+            return False
         for p in batch:
             p.sent = True  # from here on it may reach Redis
+        redirected: list[_Pending] = []
         try:
             await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             if kick is not None:
                 self._kick_result(kick, await _read(conn))
             for p in batch:
                 answer = await _read(conn)
-                if isinstance(answer, ResponseError):
+                if isinstance(answer, ResponseError) and is_redirect(answer):
+                    redirected.append(p)  # not written: send it again where the slot is
+                elif isinstance(answer, ResponseError):
                     p.resolve(error=RedisUnavailable(f"XADD to {p.stream} refused", answer))
                 elif p.reply_key is None:
                     p.resolve()
@@ -321,9 +344,17 @@ class Mux:
             for p in batch:
                 if p.reply_key is None:
                     p.resolve(error=RedisUnavailable("the event may not have been written", exc))
-            return
+            return False
         self.stats.batches += 1
-        self.stats.sent += len(batch)
+        self.stats.sent += len(batch) - len(redirected)
+        if not redirected:
+            return False
+        for p in redirected:
+            p.sent = False
+        self._outbox[:0] = redirected
+        self.stats.redirects += 1
+        await conn.disconnect(nowait=True)  # reconnects to the node serving the slot now
+        return True
 
     def _kick_result(self, gen: int, answer: object) -> None:
         """After CLIENT UNBLOCK: retry when it reached Redis before the read it aimed at."""
@@ -354,7 +385,7 @@ class Mux:
                     log.warning("tierpool client reply reader lost Redis: %s", exc)
             except Exception:  # a bug, not Redis: log it and keep reading
                 log.exception("tierpool client reply reader failed")
-            self._reader_id = None
+            self._reader_id = self._reader_node = None
             await self._reader_conn.disconnect(nowait=True)
             failures += 1
             self.stats.reconnects += 1
@@ -378,6 +409,7 @@ class Mux:
             await conn.connect()  # type: ignore[no-untyped-call]
             await conn.send_command("CLIENT", "ID", check_health=False)
             self._reader_id = int(await conn.read_response())
+            self._reader_node = _node(conn)
             if self.unblock and await _server_is_fakeredis(conn):
                 self._poll_instead_of_unblock()
         deleting, self._to_delete = self._to_delete, []
@@ -413,6 +445,9 @@ class Mux:
         finally:
             self._blocked_gen = None
         self.stats.reads += 1
+        if isinstance(answer, ResponseError) and is_redirect(answer):
+            self.stats.redirects += 1
+            raise RedisConnectionError(f"reply read redirected ({answer}): reading there")
         if isinstance(answer, ResponseError):
             log.error("tierpool client: XREAD of %d reply streams refused: %s", len(keys), answer)
             for key in keys:
@@ -441,6 +476,12 @@ class Mux:
             if self.delete_replies:
                 self._to_delete.append(key)
             pending.resolve(reply)
+
+
+def _node(conn: AbstractConnection) -> tuple[str, int] | None:
+    """The server ``conn`` is connected to (host, port); None for a unix socket."""
+    host, port = getattr(conn, "host", None), getattr(conn, "port", None)
+    return (str(host), int(port)) if host is not None and port is not None else None
 
 
 async def _still_open(conn: AbstractConnection) -> bool:
@@ -495,6 +536,8 @@ def _dedicated(redis: Redis, name: str, socket_timeout_s: float | None) -> Abstr
         health_check_interval=0,
         client_name=name,
     )
+    if "slot_owner" in kwargs:  # a cluster's redirects are answers here, handled above
+        kwargs["redirects_raise"] = False
     current = kwargs.get("socket_timeout")
     if current is None or (socket_timeout_s is not None and current < socket_timeout_s):
         kwargs["socket_timeout"] = socket_timeout_s or 30.0

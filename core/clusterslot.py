@@ -41,8 +41,8 @@ from typing import Any, Final, Literal
 import anyio
 from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ def namespace_slot(namespace: str) -> int:
 
 def is_redirect(exc: BaseException) -> bool:
     """Whether ``exc`` is a cluster's "not here, not now" (the command did not run)."""
+    # redis-py parses these into their own classes, whose message drops the code
+    if isinstance(exc, AskError | TryAgainError | ClusterDownError):  # MovedError is an AskError
+        return True
     return isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in REDIRECTS
 
 
@@ -126,7 +129,10 @@ class SlotOwner:
                     # HELLO (no arguments: the protocol stays) names the mode and, unlike
                     # INFO, needs no ACL permission.
                     await conn.send_command("HELLO")
-                    self.cluster = _mode(await conn.read_response()) == "cluster"
+                    try:
+                        self.cluster = _mode(await conn.read_response()) == "cluster"
+                    except ResponseError:  # a stand-in without HELLO is no cluster
+                        self.cluster = False
                     if not self.cluster:
                         return self.seed
                 owner = await self._ask(conn, node)

@@ -9,8 +9,10 @@ cannot be reached the env config is the snapshot, and :meth:`ConfigCache.run` ke
 Freshness, fastest first:
 
 1. every config change PUBLISHes on ``tp:{NS}:config:changed`` (the version,
-   or ``merchants:{n}``); :meth:`ConfigCache.run` re-reads on a message, one
-   read for a whole burst;
+   or ``merchants:{n}``), and SPUBLISHes the same on that channel, which
+   subscribers on a Redis Cluster take (sharded pub/sub: the channel's slot
+   is the namespace's, so the node that runs the scripts also delivers);
+   :meth:`ConfigCache.run` re-reads on a message, one read for a whole burst;
 2. after the pub/sub connection comes back (dropped, killed, Redis restarted)
    it re-reads at once: whatever was published meanwhile is lost;
 3. a safety re-read every ``min(config_resync_s, merchant_cache_ttl_s)``
@@ -48,6 +50,7 @@ from redis.exceptions import RedisError, WatchError
 
 from tierpool.core.errors import TierConfigError
 from tierpool.core.keys import ANCHOR_CONFIG_KEY, Keys
+from tierpool.core.redisconn import is_cluster
 from tierpool.core.settings import Settings
 from tierpool.core.snapshot import ConfigSnapshot, read_snapshot
 from tierpool.core.tierconfig import TierConfig, read_anchor_tier_config, to_json
@@ -280,6 +283,10 @@ class ConfigCache:
         Read with the anchor's leniency, each difference logged; a value that
         cannot be read even so is logged and ``TIER_CONFIG`` is used.
         """
+        if await is_cluster(self.redis):
+            # smart-router never ran on a cluster, and its key is in another slot
+            # (on another master): a namespace's client only reaches its own slot.
+            return self._env, "TIER_CONFIG"
         raw = await self.redis.get(ANCHOR_CONFIG_KEY)
         if raw is None:
             return self._env, "TIER_CONFIG"
@@ -312,10 +319,12 @@ class ConfigCache:
                 pipe.set(k.config, to_json(now.config.with_version(version)))
                 pipe.set(k.config_version, version)
                 pipe.publish(k.config_changed, str(version))
+                pipe.spublish(k.config_changed, str(version))
             else:
                 mv = max(now.merchants_version, held.merchants_version) + 1
                 pipe.set(k.merchants_version, mv)
                 pipe.publish(k.config_changed, f"merchants:{mv}")
+                pipe.spublish(k.config_changed, f"merchants:{mv}")
             pipe.xadd(
                 k.events,
                 {
@@ -406,11 +415,14 @@ class ConfigCache:
         """A fresh pub/sub connection, subscribed (confirmation received)."""
         pubsub: PubSub = self.redis.pubsub()
         try:
-            await pubsub.subscribe(self.keys.config_changed)
+            if await is_cluster(self.redis):
+                await pubsub.ssubscribe(self.keys.config_changed)
+            else:
+                await pubsub.subscribe(self.keys.config_changed)
             with anyio.fail_after(SUBSCRIBE_TIMEOUT_S):
                 while True:
                     msg = await pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT_S)
-                    if msg is not None and msg["type"] == "subscribe":
+                    if msg is not None and msg["type"] in ("subscribe", "ssubscribe"):
                         break
             yield pubsub
         finally:
@@ -452,9 +464,11 @@ class ConfigCache:
     def _wants_read(self, msg: dict[str, object]) -> bool:
         """Whether a pub/sub message may announce something this snapshot lacks."""
         kind, data = msg.get("type"), msg.get("data")
-        if kind == "subscribe":
+        if kind in ("subscribe", "ssubscribe"):
             return True  # redis-py reconnected and resubscribed by itself: we may have missed some
-        if kind != "message":
+        if kind == "sunsubscribe":  # the slot left this node (cluster): subscribe where it is
+            raise _PubSubDead("the cluster moved the channel's slot away")
+        if kind not in ("message", "smessage"):
             return False
         self.messages += 1
         if not self._loaded or not isinstance(data, str):

@@ -406,6 +406,15 @@ class Settings:
     TLS), credentials, database and TLS options; its host and port are not used.
     """
     redis_sentinel_master: str = field(default="mymaster", metadata=_name("REDIS_SENTINEL_MASTER"))
+    redis_cluster: Literal["auto", "yes", "no"] = field(
+        default="auto",
+        metadata=_choice(
+            "TIERPOOL_REDIS_CLUSTER",
+            ("auto", "yes", "no"),
+            {"true": "yes", "on": "yes", "1": "yes", "false": "no", "off": "no", "0": "no"},
+        ),
+    )
+    """Redis Cluster: ``auto`` asks the server at the first connection (``HELLO``)."""
     tier_config_raw: str = field(default="", metadata=_tier_config("TIER_CONFIG"))
     """The env tier config as given; empty means the built-in default."""
     lease_ttl_s: float = field(default=15 * 60, metadata=_duration_s("LEASE_TTL"))
@@ -637,7 +646,9 @@ class Settings:
     @property
     def redis_target(self) -> RedisTarget:
         """Where Redis is: what ``core.redisconn.connect`` takes."""
-        return RedisTarget(self.redis_url, self.redis_sentinels, self.redis_sentinel_master)
+        return RedisTarget(
+            self.redis_url, self.redis_sentinels, self.redis_sentinel_master, self.redis_cluster
+        )
 
     def tier_config(self) -> TierConfig:
         """The tier config ``TIER_CONFIG`` gives (the built-in default when empty), version 0.

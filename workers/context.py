@@ -74,6 +74,7 @@ class WorkerContext:
             client_name=f"tierpool:{wid}",
             retries=settings.redis_max_retries,
             connect_timeout_s=settings.redis_dial_timeout_s,
+            namespace=settings.namespace,
         )
         cache = ConfigCache(redis, keys, settings)
         state = PoolState(redis, keys, settings, cache)

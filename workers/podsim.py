@@ -164,7 +164,9 @@ class PodSim:
 
 async def serve(settings: Settings, args: argparse.Namespace) -> None:
     keys = Keys(settings.namespace)
-    events_redis = connect(settings.redis_target, client_name="tierpool-podsim-events")
+    events_redis = connect(
+        settings.redis_target, client_name="tierpool-podsim-events", namespace=settings.namespace
+    )
     try:
         async with TierpoolClient.from_url(
             settings.redis_target, namespace=settings.namespace, client_name="tierpool-podsim"

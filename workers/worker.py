@@ -34,7 +34,7 @@ from tierpool.core.clock import now_ms
 from tierpool.core.errors import SettingsError, find_in_group, write_refusal
 from tierpool.core.keys import GROUP
 from tierpool.core.settings import Settings, unknown_tierpool_variables
-from tierpool.workers import gauges, http, leader, metrics
+from tierpool.workers import gauges, http, leader, metrics, multins
 from tierpool.workers.claimer import Claimer, remove_consumers
 from tierpool.workers.consumer import Consumer
 from tierpool.workers.context import WorkerContext
@@ -279,12 +279,23 @@ def warn_about_anchor_settings(settings: Settings, env: Mapping[str, str] = os.e
 
 
 def main(args: argparse.Namespace) -> int:
+    names = multins.namespaces_of(os.environ.get("TIERPOOL_NAMESPACE"))
+    env = dict(os.environ)
+    if len(names) > 1:  # one child process per namespace (workers/multins.py)
+        why = multins.problem(names)
+        if why:
+            sys.stderr.write(f"tierpool worker: TIERPOOL_NAMESPACE: {why}\n")
+            return 2
+        env["TIERPOOL_NAMESPACE"] = names[0]  # the other settings are checked here, once
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(env)
     except SettingsError as exc:
         sys.stderr.write(f"tierpool worker: {exc}\n")
         return 2
     setup_logging(settings)
+    if len(names) > 1:
+        argv = [arg for role in getattr(args, "without", None) or () for arg in ("--without", role)]
+        return multins.run(names, settings.metrics_port, argv)
     for name in unknown_tierpool_variables():
         log.warning("unknown variable %s ignored (a typo?)", name)
     warn_about_anchor_settings(settings)

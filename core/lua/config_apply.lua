@@ -57,7 +57,9 @@ end
 
 redis.call('SET', config_key, json)
 redis.call('SET', K.cfgv, version)
+-- PUBLISH for standalone subscribers, SPUBLISH (same channel) for a cluster's (contract v1.1)
 redis.call('PUBLISH', channel, version)
+redis.call('SPUBLISH', channel, version)
 event('config_applied', {'config_version', version, 'previous_version', current,
                          'unassigned_pods', int(orphaned)})
 return finish('applied', {'config_version', version})

@@ -26,7 +26,9 @@ else
   redis.call('HSET', hash, merchant, policy)
 end
 local mv = redis.call('INCR', K.mv)
+-- PUBLISH for standalone subscribers, SPUBLISH (same channel) for a cluster's (contract v1.1)
 redis.call('PUBLISH', channel, 'merchants:' .. mv)
+redis.call('SPUBLISH', channel, 'merchants:' .. mv)
 event(kind, {'merchant_id', merchant, 'merchants_version', int(mv)})
 return finish('applied', {'config_version', redis.call('GET', K.cfgv) or '0',
                           'merchants_version', int(mv)})

@@ -138,7 +138,11 @@ def run(args: argparse.Namespace, body: Callable[[Ops], Awaitable[int]]) -> int:
         return EXIT_USAGE
 
     async def main() -> int:
-        redis = connect(settings.redis_target, client_name=f"tierpool-cli-{command}")
+        redis = connect(
+            settings.redis_target,
+            client_name=f"tierpool-cli-{command}",
+            namespace=settings.namespace,
+        )
         try:
             await redis.ping()  # unreachable Redis is exit 3, not a request timeout
             return await body(Ops(args, settings, Keys(settings.namespace), redis))

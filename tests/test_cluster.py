@@ -1,0 +1,394 @@
+"""Redis Cluster: namespaces on different masters, each served as on a single Redis.
+
+The fixtures start a cluster of three masters from ``redis-server`` processes
+(``redis-cli --cluster create``), with a replica each for the failover test.
+Namespaces are picked so that their slots fall on three different masters.
+One ``tierpool worker`` with ``TIERPOOL_NAMESPACE=a,b,c`` serves all three
+(one child process each); the client, the CLI and the pod agent connect
+through the cluster's first node, whichever master serves their namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+import redis as syncredis
+from redis.asyncio import Redis
+from redis.exceptions import MovedError
+
+from tests.conftest import wait_for
+from tests.invariants import violations
+from tests.procs import WorkerPool
+from tierpool.client.client import TierpoolClient
+from tierpool.client.podagent import PodAgent
+from tierpool.core.clock import monotonic_s
+from tierpool.core.clusterslot import namespace_slot
+from tierpool.core.errors import RedisUnavailable, RequestTimeout
+from tierpool.core.keys import Keys
+from tierpool.core.redisconn import RedisTarget, connect, is_cluster
+from tierpool.core.settings import Settings
+from tierpool.core.tierconfig import parse_tier_config
+from tierpool.schemas import PodDeregister, PodHeartbeat, PodRegister
+from tierpool.workers.redisfarm import ClusterSetup
+from tierpool.workers.redisproc import free_port
+
+pytestmark = [pytest.mark.anyio]
+
+CONFIG = {
+    "gold": {"type": "exclusive", "target": 2},
+    "basic": {"type": "shared", "target": 2, "max_concurrent": 3},
+}
+FAST_ENV = {
+    "TIER_CONFIG": orjson.dumps(CONFIG).decode(),
+    "TIERPOOL_BLOCK": "100ms",
+    "TIERPOOL_CLAIM_MIN_IDLE": "600ms",
+    "TIERPOOL_CLAIM_INTERVAL": "100ms",
+    "TIERPOOL_SHUTDOWN_GRACE": "5s",
+    "LOG_FORMAT": "console",
+    "LOG_LEVEL": "info",
+}
+
+
+def spread_namespaces(cluster: ClusterSetup, count: int = 3) -> list[str]:
+    """``count`` namespace names whose slots are served by ``count`` different masters."""
+    chosen: dict[int, str] = {}
+    for i in range(1000):
+        name = f"ns{i}"
+        chosen.setdefault(cluster.master_of(namespace_slot(name)), name)
+        if len(chosen) == count:
+            return list(chosen.values())
+    raise AssertionError("no spread of namespaces found")
+
+
+@pytest.fixture(scope="module")
+def cluster3() -> Iterator[ClusterSetup]:
+    with ClusterSetup(3, 0) as cluster:
+        yield cluster
+
+
+def test_settings_force_or_detect_cluster_mode() -> None:
+    assert Settings().redis_target.cluster == "auto"
+    for raw, mode in (("yes", "yes"), ("off", "no"), ("AUTO", "auto")):
+        assert Settings.from_env({"TIERPOOL_REDIS_CLUSTER": raw}).redis_cluster == mode
+    with pytest.raises(Exception, match="TIERPOOL_REDIS_CLUSTER"):
+        Settings.from_env({"TIERPOOL_REDIS_CLUSTER": "maybe"})
+
+
+async def test_cluster_is_detected_and_each_namespace_reaches_its_master(
+    cluster3: ClusterSetup, redis_url: str
+) -> None:
+    names = spread_namespaces(cluster3)
+    ports = [cluster3.master_of(namespace_slot(n)) for n in names]
+    for name in names:
+        r = connect(cluster3.url, namespace=name)
+        try:
+            assert await is_cluster(r)
+            await r.set(Keys(name).config_version, "7")
+            port = (await r.info("server"))["tcp_port"]
+            assert port == cluster3.master_of(namespace_slot(name))
+            # a transaction with a keyless command and a script: one node, no redirect
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.time()
+                pipe.get(Keys(name).config_version)
+                _time, got = await pipe.execute()
+            assert got == "7"
+            assert await r.eval("return redis.call('GET', KEYS[1])", 1, Keys(name).config_version)
+        finally:
+            await r.aclose()
+    with pytest.raises(Exception, match="namespace"):
+        r = connect(cluster3.url)
+        try:
+            await r.ping()
+        finally:
+            await r.aclose()
+    standalone = connect(redis_url, namespace="x")  # the same code on a plain Redis
+    try:
+        assert not await is_cluster(standalone)
+        assert await standalone.ping()
+    finally:
+        await standalone.aclose()
+    elsewhere = next(n for n, p in zip(names, ports, strict=True) if p != cluster3.nodes[0].port)
+    forced = connect(RedisTarget(cluster3.url, cluster="no"), namespace=elsewhere)
+    try:  # forced standalone: the URL's node only, so a key of another master is MOVED
+        with pytest.raises(MovedError):
+            await forced.get(Keys(elsewhere).config_version)
+    finally:
+        await forced.aclose()
+
+
+async def _serve_flows(url: str, namespace: str) -> None:
+    """register, allocate, repeat, release, drain, config change, merchant policy."""
+    keys = Keys(namespace)
+    async with TierpoolClient.from_url(url, namespace=namespace) as c:
+        for pod in ("p0", "p1"):
+            reg = await c.send_pod_event(
+                PodRegister(pod_id=pod, endpoint=f"http://{pod}:8080", zone="open", capability=1)
+            )
+            assert reg is not None and reg.status == "registered", reg
+        a = await c.allocate("c1")
+        assert (a.status, a.pool, a.existing) == ("allocated", "gold", False), a
+        again = await c.allocate("c1")
+        assert (again.status, again.pod_id, again.existing) == ("allocated", a.pod_id, True)
+        assert (await c.release("c1")).status == "released"
+        assert (await c.release("c1")).status == "not_found"
+        assert (await c.drain("p0")).status == "drained"
+        assert (await c.undrain("p0")).status == "undrained"
+        hb = await c.send_pod_event(PodHeartbeat(pod_id="p0"))
+        assert hb is not None and hb.status == "alive"
+        applied = await c.change_config({"gold": 3, "basic": 1}, expected_version=1)
+        assert (applied.status, applied.config_version) == ("applied", 2), applied
+        assert (await c.set_merchant("m1", {"zone": "restricted"})).status == "applied"
+        rej = await c.allocate("c2", merchant_id="m1")
+        assert rej.status == "rejected", rej  # no restricted pod: the policy is in force
+        assert (await c.set_merchant("m1", None)).status == "applied"
+        ok = await c.allocate("c2", merchant_id="m1")
+        assert ok.status == "allocated", ok
+        gone = await c.send_pod_event(PodDeregister(pod_id="p1"))
+        assert gone is not None and gone.status == "deregistered"
+    r = connect(url, namespace=namespace)
+    try:
+        assert await r.hget(keys.calls, "c2")
+        assert orjson.loads(await r.get(keys.config) or "{}").get("version") == 2
+    finally:
+        await r.aclose()
+
+
+async def test_acceptance_flows_in_three_namespaces_on_three_masters(
+    cluster3: ClusterSetup, tmp_path: Path
+) -> None:
+    names = spread_namespaces(cluster3)
+    masters = [cluster3.master_of(namespace_slot(n)) for n in names]
+    assert len(set(masters)) == 3
+    for port in masters:
+        with syncredis.Redis(port=port) as node:
+            node.flushall()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPOOL_", "REDIS"))}
+    env.update(FAST_ENV)
+    env.update(
+        REDIS_URL=cluster3.url,
+        TIERPOOL_NAMESPACE=",".join(names),
+        METRICS_PORT=str(_free_ports(len(names))),
+        PYTHONUNBUFFERED="1",
+    )
+    proc = _start_worker(env, tmp_path / "worker.log")
+    try:
+        for name in names:
+            r = connect(cluster3.url, namespace=name)
+            try:
+                keys = Keys(name)
+                await wait_for(lambda r=r, keys=keys: _has_worker(r, keys), timeout_s=30)
+            finally:
+                await r.aclose()
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(_serve_flows, cluster3.url, name)
+        # every namespace's keys are on its own master and nowhere else
+        for name, port in zip(names, masters, strict=True):
+            for other in set(masters):
+                with syncredis.Redis(port=other, decode_responses=True) as node:
+                    held = node.keys(f"tp:{{{name}}}:*")
+                assert bool(held) == (other == port), (name, other, held)
+        # the CLI, through the first node, whichever master serves the namespace
+        for name in names:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPOOL_", "REDIS"))}
+            env.update(REDIS_URL=cluster3.url, TIERPOOL_NAMESPACE=name)
+            cli = await anyio.to_thread.run_sync(
+                lambda env=env: subprocess.run(
+                    [sys.executable, "-m", "tierpool.workers.cli", "pods", "--json"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+            )
+            assert cli.returncode == 0, cli.stderr
+            assert "p0" in cli.stdout and "p1" not in cli.stdout, cli.stdout
+    finally:
+        proc.terminate()
+        try:
+            rc = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        print((tmp_path / "worker.log").read_text(errors="replace")[-3000:])
+    assert rc == 0  # SIGTERM reached every child, which stopped cleanly
+
+
+def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tierpool.workers"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _free_ports(n: int) -> int:
+    """A port such that it and the ``n - 1`` after it are free: one per child worker."""
+    import socket
+
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65_535:
+            continue
+        try:
+            for port in range(base + 1, base + n):
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no free port range")
+
+
+async def _has_worker(r: Redis, keys: Keys) -> bool:
+    return bool(await r.zcard(keys.workers))
+
+
+# --- failover under load --------------------------------------------------------------
+
+LOOPS = 6
+LONG_LOOPS = 2
+TIMEOUT_S = 1.0
+RECOVERY_LIMIT_S = 20.0
+
+
+@pytest.mark.slow
+async def test_master_failover_under_load(tmp_path: Path) -> None:
+    """The master of a namespace is killed under load; its replica is promoted.
+
+    Each load loop retries an allocate with the same ``call_id`` until it is
+    answered (allocate is idempotent per call) and a release until it is
+    answered, as a careful caller does: so no request is lost unless one
+    never gets an answer. An exclusive pod must never serve two live calls.
+    """
+    with ClusterSetup(3, 1, node_timeout_ms=1_000) as cluster:
+        (name,) = spread_namespaces(cluster, 1)
+        keys = Keys(name)
+        victim = cluster.master_of(namespace_slot(name))
+        ok_at: list[float] = []
+        timeouts = 0
+        unanswered: list[str] = []
+        holders: dict[str, set[str]] = {}
+        live: dict[str, str] = {}
+        double_booked: list[str] = []
+        seq = 0
+
+        async def answered(op: str, call: str, send: object) -> object:
+            nonlocal timeouts
+            deadline = monotonic_s() + RECOVERY_LIMIT_S + 10
+            while monotonic_s() < deadline:
+                try:
+                    return await send()  # type: ignore[operator]
+                except (RequestTimeout, RedisUnavailable):
+                    timeouts += 1
+                    await anyio.sleep(0.05)
+            unanswered.append(f"{op} {call}")
+            return None
+
+        async def load(loop: int, stop: anyio.Event) -> None:
+            nonlocal seq
+            rng = random.Random(loop)
+            while not stop.is_set():
+                seq += 1
+                call = f"L{loop}-{seq}"
+                reply = await answered(
+                    "allocate", call, lambda call=call: c.allocate(call, timeout_s=TIMEOUT_S)
+                )
+                if reply is None or reply.status != "allocated" or reply.pod_id is None:  # type: ignore[attr-defined]
+                    await anyio.sleep(0.02)
+                    continue
+                pod: str = reply.pod_id  # type: ignore[attr-defined]
+                if reply.pool == "gold":  # type: ignore[attr-defined]
+                    if holders.get(pod):
+                        double_booked.append(f"{pod}: {call} while {sorted(holders[pod])}")
+                    holders.setdefault(pod, set()).add(call)
+                live[call] = pod
+                agents[pod].call_started(call)
+                ok_at.append(monotonic_s())
+                await anyio.sleep(6.0 if loop >= LOOPS else rng.choice((0.002, 0.01, 0.05)))
+                holders.get(pod, set()).discard(call)
+                await answered(
+                    "release", call, lambda call=call: c.release(call, timeout_s=TIMEOUT_S)
+                )
+                del live[call]
+                agents[pod].call_ended(call)
+
+        env = {**FAST_ENV, "POD_TTL": "3s", "TIERPOOL_HEARTBEAT": "250ms"}
+        with WorkerPool(cluster.url, tmp_path, namespace=name, env=env) as pool:
+            sr = connect(cluster.url, namespace=name)
+            try:
+                workers = await pool.start(sr, 2)
+                async with (
+                    TierpoolClient.from_url(cluster.url, namespace=name) as c,
+                    anyio.create_task_group() as tg,
+                ):
+                    agents = {
+                        f"pod{i}": PodAgent(c, f"pod{i}", f"http://pod{i}:8080", heartbeat_s=0.25)
+                        for i in range(5)
+                    }
+                    for agent in agents.values():
+                        await tg.start(agent.run)
+                    stop = anyio.Event()
+                    for i in range(LOOPS + LONG_LOOPS):
+                        tg.start_soon(load, i, stop)
+                    await wait_for(lambda: _at_least(ok_at, 100), timeout_s=30)
+                    held_at_kill = dict(live)
+                    t_kill = monotonic_s()
+                    await anyio.to_thread.run_sync(lambda: cluster.node(victim).stop(kill=True))
+                    await wait_for(
+                        lambda: _at_least(ok_at, 1, after=t_kill + 0.05),
+                        timeout_s=RECOVERY_LIMIT_S + 10,
+                        interval_s=0.05,
+                    )
+                    t_first = min(t for t in ok_at if t > t_kill + 0.05)
+                    promoted = cluster.master_of(namespace_slot(name))
+                    await anyio.sleep(1.0)
+                    holding = [x for x in held_at_kill if x in live]
+                    known = await sr.hgetall(keys.calls)
+                    forgotten = [x for x in holding if x not in known]
+                    await wait_for(lambda: _at_least(ok_at, 100, after=t_first), timeout_s=30)
+                    stop.set()
+                    await wait_for(lambda: _empty(live), timeout_s=30)
+                    for agent in agents.values():
+                        tg.start_soon(agent.shutdown, 2.0)
+                assert all(w.alive() for w in workers), "a worker died instead of following"
+                now_ms = int((await sr.time())[0]) * 1000
+                config = parse_tier_config(orjson.dumps(CONFIG).decode(), version=1)
+                broken = await violations(sr, keys, config, now_ms=now_ms, pod_ttl_ms=3_000)
+            finally:
+                await sr.aclose()
+        recovery_s = t_first - t_kill
+        print(
+            f"\n[cluster failover] master {victim} of namespace {name} killed under load; "
+            f"replica {promoted} promoted; allocations resumed {recovery_s:.2f}s after the "
+            f"kill; {timeouts} request timeouts retried; {len(unanswered)} never answered; "
+            f"{len(held_at_kill)} calls live at the kill, {len(holding)} still held after "
+            f"recovery, {len(forgotten)} unknown to the new master; client redirects "
+            f"{c.stats.redirects}, reconnects {c.stats.reconnects}; "
+            f"double-booked {len(double_booked)}"
+        )
+        assert promoted != victim
+        assert recovery_s < RECOVERY_LIMIT_S
+        assert unanswered == [], unanswered
+        assert double_booked == [], double_booked
+        assert forgotten == [], forgotten
+        assert broken == [], broken
+
+
+async def _at_least(times: Sequence[float], n: int, after: float = 0.0) -> bool:
+    return sum(1 for t in times if t > after) >= n
+
+
+async def _empty(d: dict[str, str]) -> bool:
+    return not d
