@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -88,7 +88,7 @@ async def _timed_loop(
     url: str, namespace: str, tag: str, batch: int, start_at: float, duration_s: float
 ) -> _Loop:
     cpu0 = time.process_time()
-    redis = connect(url, client_name=f"bench-raw-{tag}")
+    redis = connect(url, client_name=f"bench-raw-{tag}", namespace=namespace)
     try:
         state = await make_state(redis, bench_settings(url, namespace))
         # Warm up: load the scripts, open the connection.
@@ -109,15 +109,27 @@ def _process_main(args: tuple[str, str, str, int, float, float]) -> _Loop:
 
 
 def measure(
-    url: str, namespace: str, *, processes: int, batch: int, duration_s: float
+    url: str,
+    namespace: str | Sequence[str],
+    *,
+    processes: int,
+    batch: int,
+    duration_s: float,
 ) -> RawResult:
     """Run ``processes`` loops at once for ``duration_s``; the summed rate.
 
     ``processes=1`` runs in a child process too, so every figure pays the
-    same start-up and none shares the caller's event loop.
+    same start-up and none shares the caller's event loop. With several
+    namespaces (``tierpool bench --cluster``), ``processes`` loops run on
+    each of them, all at once.
     """
+    names = [namespace] if isinstance(namespace, str) else list(namespace)
+    processes *= len(names)
     start_at = time.time() + 1.5 + 0.3 * processes  # after every child imported and warmed up
-    jobs = [(url, namespace, f"p{i}x", batch, start_at, duration_s) for i in range(processes)]
+    jobs = [
+        (url, names[i % len(names)], f"p{i}x", batch, start_at, duration_s)
+        for i in range(processes)
+    ]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes) as pool:
         results = pool.map(_process_main, jobs)

@@ -161,6 +161,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help="allocations/s of the gateway's added-latency comparison (default 500)",
     )
     parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead of the parts: aggregate allocations/s for one and three namespaces "
+        "on a local Redis Cluster of three masters (raw and e2e; --duration, --repeat, "
+        "--pods, --tiers, --batch and the first --concurrency level apply)",
+    )
+    parser.add_argument(
         "--changes",
         type=int,
         default=20,
@@ -182,7 +189,7 @@ def run_raw(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
     settings = bench_settings(cluster.url, RAW_NAMESPACE)
 
     async def setup() -> None:
-        client = connect(cluster.url)
+        client = connect(cluster.url, namespace=RAW_NAMESPACE)
         try:
             await setup_namespace(client, settings, a.tiers, a.pods)
         finally:
@@ -427,7 +434,7 @@ def run_memory(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
         run.results["memory_samples"] = sampler.samples
 
     async def read() -> dict[str, Any]:
-        client = connect(cluster.url)
+        client = connect(cluster.url, namespace=cluster.namespace)
         try:
             return await scenarios.memory(client, cluster)
         finally:
@@ -447,7 +454,7 @@ def run_memory(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
 
 def run_failover(run: Run, cluster: Cluster) -> None:
     async def go() -> scenarios.Failover:
-        client = connect(cluster.url)
+        client = connect(cluster.url, namespace=cluster.namespace)
         try:
             return await scenarios.failover(client, cluster)
         finally:
@@ -524,6 +531,8 @@ def _requests_of(res: e2e.LoadResult) -> int:
 
 # --- the command ----------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "cluster", False):
+        return _main_cluster(args)
     parts = tuple(p.strip() for p in args.only.split(",") if p.strip())
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -589,11 +598,28 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main_cluster(args: argparse.Namespace) -> int:
+    from tierpool.bench import clusterbench
+
+    out = clusterbench.run(args)
+    out["date"] = date.today().isoformat()
+    print(clusterbench.render(out))
+    if args.json:
+        text = msgspec.json.format(
+            msgspec.json.encode(_finite(out), order="sorted"), indent=2
+        ).decode()
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
 def _start_workers(run: Run, cluster: Cluster) -> None:
     a = run.args
 
     async def go() -> None:
-        client = connect(cluster.url)
+        client = connect(cluster.url, namespace=cluster.namespace)
         try:
             await setup_namespace(
                 client, bench_settings(cluster.url, cluster.namespace), a.tiers, a.pods

@@ -36,12 +36,19 @@ requeued, not resent blindly) pass ``redirects_raise=False``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
 from typing import Any, Final, Literal
 
 import anyio
 from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    ClusterDownError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -131,7 +138,9 @@ class SlotOwner:
                     await conn.send_command("HELLO")
                     try:
                         self.cluster = _mode(await conn.read_response()) == "cluster"
-                    except ResponseError:  # a stand-in without HELLO is no cluster
+                    except (ResponseError, AuthenticationError):
+                        # refused (a stand-in without HELLO, or no credentials): connect
+                        # as to a single Redis, which then answers with the real error
                         self.cluster = False
                     if not self.cluster:
                         return self.seed
@@ -189,21 +198,28 @@ class SlotPinned(AbstractConnection):
             self.slot_owner.forget()  # a dead master: ask which node serves the slot now
             raise
 
-    async def read_response(
+    def read_response(
         self,
         disable_decoding: bool = False,
-        timeout: float | None = None,  # noqa: ASYNC109 - redis-py's signature
+        timeout: float | None = None,
         *,
         disconnect_on_error: bool = True,
         push_request: bool | None = False,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
+        """On a standalone Redis, redis-py's own read (no extra frame on the hot path)."""
+        read = super().read_response(
+            disable_decoding=disable_decoding,
+            timeout=timeout,
+            disconnect_on_error=disconnect_on_error,
+            push_request=push_request,
+        )
+        if self.slot_owner.cluster is False:
+            return read
+        return self._following(read)
+
+    async def _following(self, read: Coroutine[Any, Any, Any]) -> Any:
         try:
-            return await super().read_response(
-                disable_decoding=disable_decoding,
-                timeout=timeout,
-                disconnect_on_error=disconnect_on_error,
-                push_request=push_request,
-            )
+            return await read
         except ResponseError as exc:
             if not is_redirect(exc):
                 raise

@@ -96,7 +96,8 @@ class GatewayServer:
         """Serve until :meth:`stop`; ``task_status.started(port)`` once listening."""
         s = self.settings
         redis = connect(
-            s.redis_url,
+            s.redis_target,  # Sentinels or a cluster, as every component
+            namespace=s.namespace,
             client_name="tierpool-gateway",
             retries=s.redis_max_retries,  # the anchor's REDIS_MAX_RETRIES / REDIS_DIAL_TIMEOUT
             connect_timeout_s=s.redis_dial_timeout_s,
@@ -181,7 +182,8 @@ class RedisAway(Exception):
 async def serve(settings: Settings, port: int | None = None) -> None:
     """Run the gateway until a signal stops it; :class:`RedisAway` when Redis does not answer."""
     redis = connect(
-        settings.redis_url,
+        settings.redis_target,
+        namespace=settings.namespace,
         client_name="tierpool-gateway",
         retries=settings.redis_max_retries,
         connect_timeout_s=settings.redis_dial_timeout_s,

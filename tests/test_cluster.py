@@ -10,11 +10,12 @@ through the cluster's first node, whichever master serves their namespace.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -58,14 +59,7 @@ FAST_ENV = {
 
 
 def spread_namespaces(cluster: ClusterSetup, count: int = 3) -> list[str]:
-    """``count`` namespace names whose slots are served by ``count`` different masters."""
-    chosen: dict[int, str] = {}
-    for i in range(1000):
-        name = f"ns{i}"
-        chosen.setdefault(cluster.master_of(namespace_slot(name)), name)
-        if len(chosen) == count:
-            return list(chosen.values())
-    raise AssertionError("no spread of namespaces found")
+    return cluster.spread_namespaces(count)
 
 
 @pytest.fixture(scope="module")
@@ -265,125 +259,158 @@ RECOVERY_LIMIT_S = 20.0
 
 @pytest.mark.slow
 async def test_master_failover_under_load(tmp_path: Path) -> None:
-    """The master of a namespace is killed under load; its replica is promoted.
+    """The master of a namespace is killed under load; its replica is promoted."""
+    with ClusterSetup(3, 1, node_timeout_ms=1_000) as cluster:
+        (name,) = spread_namespaces(cluster, 1)
+        victim = cluster.master_of(namespace_slot(name))
+        await _through(
+            cluster,
+            name,
+            tmp_path,
+            lambda: cluster.node(victim).stop(kill=True),
+            f"cluster failover: master {victim} killed",
+        )
+        assert cluster.master_of(namespace_slot(name)) != victim
+
+
+@pytest.mark.slow
+async def test_slot_migration_under_load(tmp_path: Path) -> None:
+    """The namespace's slot is resharded to another master under load (ASK, TRYAGAIN, MOVED)."""
+    with ClusterSetup(3, 0) as cluster:
+        (name,) = spread_namespaces(cluster, 1)
+        slot = namespace_slot(name)
+        source = cluster.master_of(slot)
+        dest = next(p for p in set(cluster.slot_masters().values()) if p != source)
+        moved: list[int] = []
+        await _through(
+            cluster,
+            name,
+            tmp_path,
+            lambda: moved.append(cluster.migrate_slot(slot, dest, batch=3)),
+            f"slot {slot} migrated from {source} to {dest}",
+        )
+        assert cluster.master_of(slot) == dest
+        assert moved and moved[0] > 10
+
+
+async def _through(
+    cluster: ClusterSetup, name: str, tmp_path: Path, disrupt: Callable[[], object], what: str
+) -> None:
+    """Load on ``name`` while ``disrupt`` runs (in a thread); every request answered.
 
     Each load loop retries an allocate with the same ``call_id`` until it is
     answered (allocate is idempotent per call) and a release until it is
     answered, as a careful caller does: so no request is lost unless one
     never gets an answer. An exclusive pod must never serve two live calls.
     """
-    with ClusterSetup(3, 1, node_timeout_ms=1_000) as cluster:
-        (name,) = spread_namespaces(cluster, 1)
-        keys = Keys(name)
-        victim = cluster.master_of(namespace_slot(name))
-        ok_at: list[float] = []
-        timeouts = 0
-        unanswered: list[str] = []
-        holders: dict[str, set[str]] = {}
-        live: dict[str, str] = {}
-        double_booked: list[str] = []
-        seq = 0
+    keys = Keys(name)
+    ok_at: list[float] = []
+    timeouts = 0
+    unanswered: list[str] = []
+    holders: dict[str, set[str]] = {}
+    live: dict[str, str] = {}
+    double_booked: list[str] = []
+    seq = 0
 
-        async def answered(op: str, call: str, send: object) -> object:
-            nonlocal timeouts
-            deadline = monotonic_s() + RECOVERY_LIMIT_S + 10
-            while monotonic_s() < deadline:
-                try:
-                    return await send()  # type: ignore[operator]
-                except (RequestTimeout, RedisUnavailable):
-                    timeouts += 1
-                    await anyio.sleep(0.05)
-            unanswered.append(f"{op} {call}")
-            return None
-
-        async def load(loop: int, stop: anyio.Event) -> None:
-            nonlocal seq
-            rng = random.Random(loop)
-            while not stop.is_set():
-                seq += 1
-                call = f"L{loop}-{seq}"
-                reply = await answered(
-                    "allocate", call, lambda call=call: c.allocate(call, timeout_s=TIMEOUT_S)
-                )
-                if reply is None or reply.status != "allocated" or reply.pod_id is None:  # type: ignore[attr-defined]
-                    await anyio.sleep(0.02)
-                    continue
-                pod: str = reply.pod_id  # type: ignore[attr-defined]
-                if reply.pool == "gold":  # type: ignore[attr-defined]
-                    if holders.get(pod):
-                        double_booked.append(f"{pod}: {call} while {sorted(holders[pod])}")
-                    holders.setdefault(pod, set()).add(call)
-                live[call] = pod
-                agents[pod].call_started(call)
-                ok_at.append(monotonic_s())
-                await anyio.sleep(6.0 if loop >= LOOPS else rng.choice((0.002, 0.01, 0.05)))
-                holders.get(pod, set()).discard(call)
-                await answered(
-                    "release", call, lambda call=call: c.release(call, timeout_s=TIMEOUT_S)
-                )
-                del live[call]
-                agents[pod].call_ended(call)
-
-        env = {**FAST_ENV, "POD_TTL": "3s", "TIERPOOL_HEARTBEAT": "250ms"}
-        with WorkerPool(cluster.url, tmp_path, namespace=name, env=env) as pool:
-            sr = connect(cluster.url, namespace=name)
+    async def answered(op: str, call: str, send: object) -> object:
+        nonlocal timeouts
+        deadline = monotonic_s() + RECOVERY_LIMIT_S + 10
+        while monotonic_s() < deadline:
             try:
-                workers = await pool.start(sr, 2)
-                async with (
-                    TierpoolClient.from_url(cluster.url, namespace=name) as c,
-                    anyio.create_task_group() as tg,
-                ):
-                    agents = {
-                        f"pod{i}": PodAgent(c, f"pod{i}", f"http://pod{i}:8080", heartbeat_s=0.25)
-                        for i in range(5)
-                    }
-                    for agent in agents.values():
-                        await tg.start(agent.run)
-                    stop = anyio.Event()
-                    for i in range(LOOPS + LONG_LOOPS):
-                        tg.start_soon(load, i, stop)
-                    await wait_for(lambda: _at_least(ok_at, 100), timeout_s=30)
-                    held_at_kill = dict(live)
-                    t_kill = monotonic_s()
-                    await anyio.to_thread.run_sync(lambda: cluster.node(victim).stop(kill=True))
-                    await wait_for(
-                        lambda: _at_least(ok_at, 1, after=t_kill + 0.05),
-                        timeout_s=RECOVERY_LIMIT_S + 10,
-                        interval_s=0.05,
-                    )
-                    t_first = min(t for t in ok_at if t > t_kill + 0.05)
-                    promoted = cluster.master_of(namespace_slot(name))
-                    await anyio.sleep(1.0)
-                    holding = [x for x in held_at_kill if x in live]
-                    known = await sr.hgetall(keys.calls)
-                    forgotten = [x for x in holding if x not in known]
-                    await wait_for(lambda: _at_least(ok_at, 100, after=t_first), timeout_s=30)
-                    stop.set()
-                    await wait_for(lambda: _empty(live), timeout_s=30)
-                    for agent in agents.values():
-                        tg.start_soon(agent.shutdown, 2.0)
-                assert all(w.alive() for w in workers), "a worker died instead of following"
-                now_ms = int((await sr.time())[0]) * 1000
-                config = parse_tier_config(orjson.dumps(CONFIG).decode(), version=1)
-                broken = await violations(sr, keys, config, now_ms=now_ms, pod_ttl_ms=3_000)
-            finally:
-                await sr.aclose()
-        recovery_s = t_first - t_kill
-        print(
-            f"\n[cluster failover] master {victim} of namespace {name} killed under load; "
-            f"replica {promoted} promoted; allocations resumed {recovery_s:.2f}s after the "
-            f"kill; {timeouts} request timeouts retried; {len(unanswered)} never answered; "
-            f"{len(held_at_kill)} calls live at the kill, {len(holding)} still held after "
-            f"recovery, {len(forgotten)} unknown to the new master; client redirects "
-            f"{c.stats.redirects}, reconnects {c.stats.reconnects}; "
-            f"double-booked {len(double_booked)}"
-        )
-        assert promoted != victim
-        assert recovery_s < RECOVERY_LIMIT_S
-        assert unanswered == [], unanswered
-        assert double_booked == [], double_booked
-        assert forgotten == [], forgotten
-        assert broken == [], broken
+                return await send()  # type: ignore[operator]
+            except (RequestTimeout, RedisUnavailable):
+                timeouts += 1
+                await anyio.sleep(0.05)
+        unanswered.append(f"{op} {call}")
+        return None
+
+    async def load(loop: int, stop: anyio.Event) -> None:
+        nonlocal seq
+        rng = random.Random(loop)
+        while not stop.is_set():
+            seq += 1
+            call = f"L{loop}-{seq}"
+            reply = await answered(
+                "allocate", call, lambda call=call: c.allocate(call, timeout_s=TIMEOUT_S)
+            )
+            if reply is None or reply.status != "allocated" or reply.pod_id is None:  # type: ignore[attr-defined]
+                await anyio.sleep(0.02)
+                continue
+            pod: str = reply.pod_id  # type: ignore[attr-defined]
+            if reply.pool == "gold":  # type: ignore[attr-defined]
+                if holders.get(pod):
+                    double_booked.append(f"{pod}: {call} while {sorted(holders[pod])}")
+                holders.setdefault(pod, set()).add(call)
+            live[call] = pod
+            agents[pod].call_started(call)
+            ok_at.append(monotonic_s())
+            await anyio.sleep(6.0 if loop >= LOOPS else rng.choice((0.002, 0.01, 0.05)))
+            holders.get(pod, set()).discard(call)
+            await answered("release", call, lambda call=call: c.release(call, timeout_s=TIMEOUT_S))
+            del live[call]
+            agents[pod].call_ended(call)
+
+    env = {**FAST_ENV, "POD_TTL": "3s", "TIERPOOL_HEARTBEAT": "250ms"}
+    with WorkerPool(cluster.url, tmp_path, namespace=name, env=env) as pool:
+        sr = connect(cluster.url, namespace=name)
+        try:
+            workers = await pool.start(sr, 2)
+            async with (
+                TierpoolClient.from_url(cluster.url, namespace=name) as c,
+                anyio.create_task_group() as tg,
+            ):
+                agents = {
+                    f"pod{i}": PodAgent(c, f"pod{i}", f"http://pod{i}:8080", heartbeat_s=0.25)
+                    for i in range(5)
+                }
+                for agent in agents.values():
+                    await tg.start(agent.run)
+                stop = anyio.Event()
+                for i in range(LOOPS + LONG_LOOPS):
+                    tg.start_soon(load, i, stop)
+                await wait_for(lambda: _at_least(ok_at, 100), timeout_s=30)
+                held_at_kill = dict(live)
+                t_kill = monotonic_s()
+                await anyio.to_thread.run_sync(disrupt)
+                t_done = monotonic_s()
+                await wait_for(
+                    lambda: _at_least(ok_at, 1, after=t_kill + 0.05),
+                    timeout_s=RECOVERY_LIMIT_S + 10,
+                    interval_s=0.05,
+                )
+                t_first = min(t for t in ok_at if t > t_kill + 0.05)
+                await anyio.sleep(1.0)
+                holding = [x for x in held_at_kill if x in live]
+                known = await sr.hgetall(keys.calls)
+                forgotten = [x for x in holding if x not in known]
+                await wait_for(lambda: _at_least(ok_at, 100, after=t_first), timeout_s=30)
+                stop.set()
+                await wait_for(lambda: _empty(live), timeout_s=30)
+                for agent in agents.values():
+                    tg.start_soon(agent.shutdown, 2.0)
+            assert all(w.alive() for w in workers), "a worker died instead of following"
+            now_ms = int((await sr.time())[0]) * 1000
+            config = parse_tier_config(orjson.dumps(CONFIG).decode(), version=1)
+            broken = await violations(sr, keys, config, now_ms=now_ms, pod_ttl_ms=3_000)
+        finally:
+            await sr.aclose()
+    recovery_s = t_first - t_kill
+    after = sorted(t for t in ok_at if t > t_kill - 1.0)
+    gap = max((b - a for a, b in itertools.pairwise(after)), default=0.0)
+    print(
+        f"\n[{what}] namespace {name} under load; disruption took {t_done - t_kill:.2f}s; "
+        f"first allocation {recovery_s:.2f}s after it began; longest pause between "
+        f"allocations {gap:.2f}s; {timeouts} request timeouts retried; "
+        f"{len(unanswered)} never answered; {len(held_at_kill)} calls live when it began, "
+        f"{len(holding)} still held after, {len(forgotten)} unknown to Redis; client "
+        f"redirects {c.stats.redirects}, reconnects {c.stats.reconnects}; "
+        f"double-booked {len(double_booked)}"
+    )
+    assert recovery_s < RECOVERY_LIMIT_S
+    assert unanswered == [], unanswered
+    assert double_booked == [], double_booked
+    assert forgotten == [], forgotten
+    assert broken == [], broken
 
 
 async def _at_least(times: Sequence[float], n: int, after: float = 0.0) -> bool:

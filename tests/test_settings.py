@@ -92,6 +92,7 @@ def test_every_variable_is_read() -> None:
         "REDIS_URL": "rediss://user:pw@redis.internal:6380/2",
         "REDIS_SENTINELS": "s1:26379,s2:26379",
         "REDIS_SENTINEL_MASTER": "pool",
+        "TIERPOOL_REDIS_CLUSTER": "yes",
         "TIER_CONFIG": '{"gold": 2}',
         "LEASE_TTL": "20m",
         "DRAINING_TTL": "5m",
@@ -151,6 +152,7 @@ def test_every_variable_is_read() -> None:
     s = Settings.from_env(env)
     assert s.redis_url == "rediss://user:pw@redis.internal:6380/2"
     assert (s.redis_sentinels, s.redis_sentinel_master) == (("s1:26379", "s2:26379"), "pool")
+    assert s.redis_cluster == "yes"
     assert s.tier_config() == parse_tier_config('{"gold": 2}')
     assert (s.lease_ttl_s, s.draining_ttl_s, s.cleanup_interval_s) == (1200, 300, 45)
     assert (s.reconcile_interval_s, s.call_info_ttl_s, s.metrics_port) == (120, 7200, 9191)

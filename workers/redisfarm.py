@@ -340,6 +340,55 @@ class ClusterSetup:
     def node(self, port: int) -> RedisProcess:
         return next(n for n in self.nodes if n.port == port)
 
+    def migrate_slot(self, slot: int, dest_port: int, *, batch: int = 10) -> int:
+        """Move ``slot`` to the master on ``dest_port`` as ``redis-cli --cluster reshard``
+        does (IMPORTING/MIGRATING, MIGRATE keys a few at a time, SETSLOT NODE); keys moved."""
+        import redis as syncredis
+
+        src_port = self.master_of(slot)
+        with (
+            syncredis.Redis(port=src_port, decode_responses=True) as src,
+            syncredis.Redis(port=dest_port, decode_responses=True) as dst,
+        ):
+            src_id, dst_id = (
+                src.execute_command("CLUSTER MYID"),
+                dst.execute_command("CLUSTER MYID"),
+            )
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while True:
+                keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                src.execute_command(
+                    "MIGRATE", "127.0.0.1", dest_port, "", 0, 5000, "REPLACE", "KEYS", *keys
+                )
+                moved += len(keys)
+            dst.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+            for port in set(self.slot_masters().values()) - {src_port, dest_port}:
+                with syncredis.Redis(port=port) as r:
+                    r.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        return moved
+
+    def spread_namespaces(self, count: int, prefix: str = "ns") -> list[str]:
+        """``count`` namespace names (``ns0``...) whose slots ``count`` different masters serve."""
+        from tierpool.core.clusterslot import namespace_slot
+
+        masters = self.slot_masters()
+
+        def master_of(slot: int) -> int:
+            return next(port for (a, b), port in masters.items() if a <= slot <= b)
+
+        chosen: dict[int, str] = {}
+        for i in range(10_000):
+            name = f"{prefix}{i}"
+            chosen.setdefault(master_of(namespace_slot(name)), name)
+            if len(chosen) == count:
+                return list(chosen.values())
+        raise TierpoolError(f"fewer than {count} masters serve slots")
+
     def close(self) -> None:
         for n in self.nodes:
             n.close()
