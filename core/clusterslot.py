@@ -131,7 +131,14 @@ class SlotOwner:
                 socket_connect_timeout=PROBE_TIMEOUT_S,
             )
             try:
-                await conn.connect_check_health(retry_socket_connect=False)
+                try:
+                    await conn.connect_check_health(retry_socket_connect=False)
+                except (AuthenticationError, ResponseError):
+                    if self.cluster is None:
+                        # refused at the handshake (credentials): the caller's own
+                        # connection to the URL's host then says why, as without us
+                        return self.seed
+                    raise
                 if self.cluster is None:
                     # HELLO (no arguments: the protocol stays) names the mode and, unlike
                     # INFO, needs no ACL permission.
