@@ -23,6 +23,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def process_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child tierpool process, less anything that
+    would point it at another Redis or namespace (``REDIS_*``, ``TIERPOOL_*``,
+    ``METRICS_PORT``), plus ``extra``."""
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REDIS_", "TIERPOOL_")) and k != "METRICS_PORT"
+    }
+    return {**keep, **extra}
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

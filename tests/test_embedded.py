@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, process_env
 from tierpool.workers.embedded import LoadStats, progress_line
 from tierpool.workers.gauges import ClusterView, PoolGauges
 from tierpool.workers.metrics import percentile
@@ -37,11 +37,7 @@ def _port_closed(port: int) -> bool:
 
 @pytest.mark.slow
 def test_run_without_redis_url_shows_allocations_and_cleans_up(tmp_path: Path) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "REDIS_URL" and not k.startswith("TIERPOOL_") and k != "METRICS_PORT"
-    }
+    env = process_env()
     done = subprocess.run(
         [sys.executable, "-m", "tierpool", "run", "--duration", "8"],
         cwd=ROOT,
@@ -76,11 +72,7 @@ def test_run_without_redis_server_uses_fakeredis(tmp_path: Path) -> None:
     """Issue 17: with no redis-server on PATH and no REDIS_URL, ``tierpool run``
     serves on an in-process fakeredis, says it is not for production, and
     shows allocations."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "REDIS_URL" and not k.startswith("TIERPOOL_") and k != "METRICS_PORT"
-    }
+    env = process_env()
     env["PATH"] = str(tmp_path)  # no redis-server here
     done = subprocess.run(
         [sys.executable, "-m", "tierpool", "run", "--duration", "10"],
@@ -100,7 +92,7 @@ def test_run_without_redis_server_uses_fakeredis(tmp_path: Path) -> None:
 
 
 def test_forcing_redis_server_without_one_says_how_to_install(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env = process_env()
     env["PATH"] = str(tmp_path)  # no redis-server here
     done = subprocess.run(
         [sys.executable, "-m", "tierpool", "run", "--duration", "1", "--backend", "redis-server"],
@@ -151,10 +143,7 @@ def test_run_uses_redis_url_when_set(redis_url: str) -> None:
     """With REDIS_URL, ``tierpool run`` starts no Redis of its own and works on that one."""
     import redis
 
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("TIERPOOL_") and k != "METRICS_PORT"
-    }
-    env.update(REDIS_URL=redis_url, TIERPOOL_NAMESPACE="emb")
+    env = process_env(REDIS_URL=redis_url, TIERPOOL_NAMESPACE="emb")
     # Someone else's namespace on the same Redis: a real pod of theirs.
     with redis.Redis.from_url(redis_url, decode_responses=True) as r:
         r.set("tp:{default}:theirs", "1")
@@ -200,11 +189,7 @@ def test_ctrl_c_stops_promptly_with_redis_last(tmp_path: Path) -> None:
     group; the private redis-server was in it and died before the pod
     simulator drained, which then hung until killed (15 s). Redis now runs in
     its own session and is stopped last."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "REDIS_URL" and not k.startswith("TIERPOOL_") and k != "METRICS_PORT"
-    }
+    env = process_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tierpool", "run", "--workers", "1", "--pods", "2"],
         cwd=tmp_path,

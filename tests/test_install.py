@@ -8,7 +8,6 @@ with no redis-server on PATH and no REDIS_URL (the fakeredis backend).
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, process_env
 
 pytestmark = pytest.mark.slow
 
@@ -79,11 +78,8 @@ def test_run_from_a_fresh_venv_without_redis_server(fresh_venv: tuple[Path, Path
     """Issue 17: ``pip install tierpool && tierpool run`` with no redis-server on
     PATH and no REDIS_URL exits 0 and shows allocations."""
     _wheel, env_dir = fresh_venv
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("REDIS_URL", "METRICS_PORT", "PYTHONPATH") and not k.startswith("TIERPOOL_")
-    }
+    env = process_env()
+    env.pop("PYTHONPATH", None)
     env["PATH"] = str(env_dir / "bin")  # the venv only: no redis-server
     done = subprocess.run(
         [str(env_dir / "bin" / "tierpool"), "run", "--duration", "10"],

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, process_env
 from tierpool.core.keys import Keys
 from tierpool.workers.redisproc import free_port
 
@@ -43,13 +43,8 @@ def test_honcho_starts_serves_and_stops_within_its_kill_timeout(tmp_path: Path) 
         pytest.fail("redis-server is needed (make test installs it)")
     bin_dir = Path(sys.executable).parent
     port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("REDIS_URL", "METRICS_PORT") and not k.startswith("TIERPOOL_")
-    }
-    env.update(
-        PATH=f"{bin_dir}:{env.get('PATH', '')}",
+    env = process_env(
+        PATH=f"{bin_dir}:{os.environ.get('PATH', '')}",
         REDIS_PORT=str(port),
         HTTP_PORT=str(free_port()),
         LOG_FORMAT="console",
