@@ -125,18 +125,27 @@ async def violations(
             counted[pool] = counted.get(pool, 0) + 1
     if counted != s["counts"]:
         out.append(f"pool counts {s['counts']} but pods assigned {counted}")
-    # free-index invariant
+    # free-index invariant: exactly the pods that can take a call, scored by
+    # load; a pod that went silent leaves lazily (when an allocation finds it
+    # at the head, or the reaper removes it), so it may still be there.
     for (pool, zone), members in s["free"].items():
         tier = config.tier(pool)
-        want = {
+        could = {
             pod: float(s["loads"].get(pod, 0))
             for pod, p in s["pools"].items()
             if p == pool
             and s["zones"].get(pod) == zone
             and pod not in s["draining"]
-            and s["seen"].get(pod, -1e18) + pod_ttl_ms >= now_ms
             and s["loads"].get(pod, 0) < tier.max_concurrent
         }
-        if members != want:
-            out.append(f"free index {pool}/{zone} = {members}, expected {want}")
+        want = {
+            pod: load
+            for pod, load in could.items()
+            if s["seen"].get(pod, -1e18) + pod_ttl_ms >= now_ms
+        }
+        extra = {pod: load for pod, load in members.items() if pod not in want}
+        if {pod: members.get(pod) for pod in want} != want or any(
+            could.get(pod) != load for pod, load in extra.items()
+        ):
+            out.append(f"free index {pool}/{zone} = {members}, expected {want} (+ silent pods)")
     return out
