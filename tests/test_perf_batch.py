@@ -24,8 +24,8 @@ async def _reset(r: Redis) -> None:
     await r.config_resetstat()
 
 
-async def _evalsha_calls(r: Redis) -> int:
-    line = (await r.info("commandstats")).get("cmdstat_evalsha", {})
+async def _evalsha_calls(r: Redis, command: str = "evalsha") -> int:
+    line = (await r.info("commandstats")).get(f"cmdstat_{command}", {})
     return int(line.get("calls", 0))
 
 
@@ -62,6 +62,7 @@ async def test_a_batch_is_one_script_call_and_each_entry_keeps_its_guarantees(
     await _reset(r)
     out = await ops.state.run(items)
     assert await _evalsha_calls(r) == 1
+    assert await _evalsha_calls(r, "mget") == 1  # the version guard, read once per batch
     assert [o.status for o in out] == [
         "allocated",
         "dup",

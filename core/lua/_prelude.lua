@@ -171,10 +171,17 @@ end
 -- The one version guard: {'stale', config_version, merchants_version} when
 -- the caller decided with a config (ARGV[7]) or policy set (ARGV[8]) older
 -- than Redis holds ("" = not guarded), else nil.
+-- The versions are read once per script call: every script guards before
+-- it changes a version, and the entries of a batch call (_batch.lua) are
+-- allocations and releases, which change none.
+local versions = nil
 local function stale()
   if H.want_cfgv == '' and H.want_mv == '' then return nil end
-  local v = redis.call('MGET', K.cfgv, K.mv)
-  local cfgv, mv = v[1] or '0', v[2] or '0'
+  if versions == nil then
+    local v = redis.call('MGET', K.cfgv, K.mv)
+    versions = {v[1] or '0', v[2] or '0'}
+  end
+  local cfgv, mv = versions[1], versions[2]
   if (H.want_cfgv ~= '' and H.want_cfgv ~= cfgv) or (H.want_mv ~= '' and H.want_mv ~= mv) then
     return {'stale', cfgv, mv}
   end
