@@ -174,7 +174,7 @@ async def test_no_reply_raises_request_timeout_and_forgets_the_waiter(redis_url:
         with pytest.raises(RequestTimeout) as info:
             await c.allocate("c1", request_id="req-1", timeout_s=0.3)
         assert info.value.request_id == "req-1"
-        assert 0.3 <= time.monotonic() - t0 < 1.5
+        assert 0.3 <= time.monotonic() - t0 < 5  # the upper bound only catches a hang
         assert not c.mux._waiters
 
 
@@ -251,10 +251,10 @@ async def test_a_new_request_does_not_wait_for_the_current_block(
             took = time.monotonic() - t0
             tg.cancel_scope.cancel()
         if unblock:
-            assert took < 0.2, took
+            assert took < 0.5, took  # polling waits out the 1.5 s block instead
             assert c.stats.kicks >= 1
         else:
-            assert took > 0.2, took
+            assert took > 0.5, took
 
 
 async def _blocked(c: TierpoolClient) -> bool:
