@@ -12,10 +12,11 @@ so a failing test shows what the workers said.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -168,6 +169,30 @@ class WorkerPool:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+        if exc_type is None:
+            leaked = [
+                line for wp in self.procs for line in unmasked_userinfo(wp.log_text().splitlines())
+            ]
+            assert not leaked, f"worker logs show URL credentials: {leaked[:3]}"
+
+
+_USERINFO = re.compile(r"://([^\s/?#@'\"\\]*)@")
+
+
+def unmasked_userinfo(texts: Iterable[str]) -> list[str]:
+    """The texts that show a URL's userinfo unmasked (anything but ``***`` or ``user:***``).
+
+    Every worker log of the suite is checked with it when its pool closes
+    (issue 13: no log line shows a password).
+    """
+    out = []
+    for text in texts:
+        for m in _USERINFO.finditer(text):
+            userinfo = m.group(1)
+            if userinfo != "***" and not userinfo.endswith(":***"):
+                out.append(text)
+                break
+    return out
 
 
 # --- the producer's side ------------------------------------------------------------

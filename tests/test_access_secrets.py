@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import re
 import threading
 from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import wait_for
-from tests.procs import WorkerPool, reply, send
+from tests.procs import WorkerPool, reply, send, unmasked_userinfo
 from tierpool.core.configcache import ConfigCache
 from tierpool.core.keys import Keys
 from tierpool.core.masking import mask_text, mask_url
@@ -34,22 +33,14 @@ pytestmark = pytest.mark.anyio
 
 PASSWORD = "S3cretPw-7f1c"
 KEYS = Keys("t")
-_UNMASKED_USERINFO = re.compile(r"://([^\s/?#@'\"\\]*)@")
 
 
 def leaks(texts: Iterable[str], secret: str = PASSWORD) -> list[str]:
     """Every text that holds ``secret`` or a URL whose userinfo is not masked."""
-    out = []
-    for text in texts:
-        if secret in text:
-            out.append(text)
-            continue
-        for m in _UNMASKED_USERINFO.finditer(text):
-            userinfo = m.group(1)
-            if userinfo != "***" and not userinfo.endswith(":***"):
-                out.append(text)
-                break
-    return out
+    texts = list(texts)
+    return [t for t in texts if secret in t] + [
+        t for t in unmasked_userinfo(texts) if secret not in t
+    ]
 
 
 async def written_by_tierpool(r: Redis, keys: Keys = KEYS) -> list[str]:
