@@ -318,8 +318,8 @@ local function end_call(call_id)
 end
 
 -- A pod is removed in steps of at most this many calls, so one script never
--- holds Redis long however many calls the pod had (1,000 take about 3 ms).
-local REMOVE_STEP = 1000
+-- holds Redis long however many calls the pod had (500 take about 2 ms).
+local REMOVE_STEP = 500
 
 -- Remove a pod and end its calls: linear in its calls, in steps. Returns the
 -- ids ended by this step, the pod's pool, and whether the pod is gone. While
