@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
+from anyio.abc import TaskGroup
 
 from tierpool.client.client import TierpoolClient
 from tierpool.core.errors import TierpoolError
@@ -115,9 +117,25 @@ async def _closed(client: TierpoolClient, job: LoadJob, res: LoadResult) -> None
 
 async def _open(client: TierpoolClient, job: LoadJob, res: LoadResult) -> None:
     await anyio.sleep(max(0.0, job.start_at - time.time()))
+
+    def launch(tg: TaskGroup, i: int, t_sched: float) -> None:
+        tg.start_soon(_pair, client, f"{job.tag}-{i}", res, t_sched, True)
+
+    await at_fixed_rate(job.rate, job.duration_s, res, launch)
+
+
+async def at_fixed_rate(
+    rate: float,
+    duration_s: float,
+    res: LoadResult,
+    launch: Callable[[TaskGroup, int, float], None],
+) -> None:
+    """Open loop: ``launch(tg, i, t_sched)`` request ``i`` at ``start + i / rate``,
+    whether or not earlier ones were answered (no coordinated omission); the
+    generator's own lateness goes into ``res``. Returns when all are answered."""
     start = time.perf_counter()
-    interval = 1.0 / job.rate
-    total = int(job.duration_s * job.rate)
+    interval = 1.0 / rate
+    total = int(duration_s * rate)
     async with anyio.create_task_group() as tg:
         i = 0
         while i < total:
@@ -130,7 +148,7 @@ async def _open(client: TierpoolClient, job: LoadJob, res: LoadResult) -> None:
             while i < total and start + i * interval <= now:
                 t_sched = start + i * interval
                 res.lateness_max_s = max(res.lateness_max_s, now - t_sched)
-                tg.start_soon(_pair, client, f"{job.tag}-{i}", res, t_sched, True)
+                launch(tg, i, t_sched)
                 i += 1
     res.elapsed_s = time.perf_counter() - start
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-from anyio.abc import SocketStream
+from anyio.abc import SocketStream, TaskGroup
 
-from tierpool.bench.e2e import WARMUP_S, LoadResult
+from tierpool.bench.e2e import WARMUP_S, LoadResult, at_fixed_rate
 from tierpool.workers.redisproc import free_port
 
 REQUEST_TIMEOUT_S = 10.0
@@ -160,23 +160,11 @@ async def open_loop(port: int, *, rate: float, duration_s: float, tag: str) -> L
     for i in range(20):  # open connections and warm up before the clock starts
         await _pair(pool, f"{tag}-w{i}", res, time.perf_counter(), False)
     cpu0 = time.process_time()
-    start = time.perf_counter()
-    interval = 1.0 / rate
-    total = int(duration_s * rate)
-    async with anyio.create_task_group() as tg:
-        i = 0
-        while i < total:
-            now = time.perf_counter()
-            due = start + i * interval
-            if due > now:
-                await anyio.sleep(due - now)
-                continue
-            while i < total and start + i * interval <= now:
-                t_sched = start + i * interval
-                res.lateness_max_s = max(res.lateness_max_s, now - t_sched)
-                tg.start_soon(_pair, pool, f"{tag}-{i}", res, t_sched, True)
-                i += 1
-    res.elapsed_s = time.perf_counter() - start
+
+    def launch(tg: TaskGroup, i: int, t_sched: float) -> None:
+        tg.start_soon(_pair, pool, f"{tag}-{i}", res, t_sched, True)
+
+    await at_fixed_rate(rate, duration_s, res, launch)
     res.cpu_s = time.process_time() - cpu0
     await pool.aclose()
     return res
