@@ -452,7 +452,6 @@ class PoolState:
             (
                 error,
                 payload,
-                str(self.settings.dead_maxlen),
                 str(deliveries),
                 "1" if config_reply else "0",
             ),
@@ -464,7 +463,6 @@ class PoolState:
             want_mv=None if decided_with is None else decided_with.merchants_version,
             kind=kind,
             echo=echo,
-            extra_keys=(self.keys.dead,),
         )
 
     def _reject_subject(

@@ -188,22 +188,26 @@ local function stale()
   return nil
 end
 
--- Dead-letter the entry being processed, with the reason, and ack it: no
--- reply is written (``reply`` never overwrites one). The dead letter holds
--- the entry's fields, read back from its stream.
-local function dead_letter(err, deliveries)
-  local fields = {}
-  if H.entry ~= '' then
-    local e = redis.call('XRANGE', K.stream, H.entry, H.entry)
-    if #e > 0 then
-      local kv = e[1][2]
-      for i = 1, #kv, 2 do fields[kv[i]] = kv[i + 1] end
+-- The one writer of dead letters: the entry being processed, with the
+-- reason. The caller acks (and replies ``invalid`` when it should: ``reply``
+-- never overwrites a reply). ``payload``: the
+-- entry's fields as JSON when the caller has them (reject.lua: masked, and
+-- cut when oversized); nil reads them back from the stream.
+local function dead_letter(err, deliveries, payload)
+  if payload == nil then
+    local fields = {}
+    if H.entry ~= '' then
+      local e = redis.call('XRANGE', K.stream, H.entry, H.entry)
+      if #e > 0 then
+        local kv = e[1][2]
+        for i = 1, #kv, 2 do fields[kv[i]] = kv[i + 1] end
+      end
     end
+    payload = cjson.encode(fields)
   end
   redis.call('XADD', K.dead, 'MAXLEN', '~', H.dead_max, '*',
     'stream', K.stream, 'entry_id', H.entry, 'request_id', H.rid, 'error', err,
-    'fields', cjson.encode(fields), 'deliveries', tostring(deliveries), 'at_ms', int(H.now))
-  ack()
+    'fields', payload, 'deliveries', tostring(deliveries), 'at_ms', int(H.now))
 end
 
 -- A request whose request_id already has a reply (unread) takes no effect
@@ -219,6 +223,7 @@ local function begin()
   if H.rid ~= '' then reply_taken = redis.call('EXISTS', K.reply) == 1 end
   if reply_taken then
     dead_letter(RID_IN_USE, deliveries)
+    ack()
     return {'invalid', 'error', RID_IN_USE}
   end
   if H.deadline ~= nil and H.now > H.deadline then

@@ -36,6 +36,7 @@ local known = cur ~= false
 local function refuse(why)
   reply('invalid', {'error', why})
   dead_letter(why, 1)
+  ack()
   return {'invalid', 'error', why}
 end
 

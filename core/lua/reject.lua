@@ -1,9 +1,10 @@
 -- reject: dead-letter an entry that cannot be processed.
 --
--- KEYS, ARGV 1-12: the fixed layout in _prelude.lua, with no pools.
--- KEYS[KEY0]: the dead-letter stream.
--- ARGV[ARG0..]: error, original fields JSON, dead stream maxlen, deliveries,
---   "1" when the entry is a config request (its reply carries config_version).
+-- KEYS, ARGV: the fixed layout in _prelude.lua, with no pools (K.dead is
+--   the dead-letter stream, H.dead_max its MAXLEN).
+-- ARGV[ARG0..]: error, original fields JSON (masked, cut when oversized),
+--   deliveries, "1" when the entry is a config request (its reply carries
+--   config_version).
 -- Returns {'invalid', 'error', error}, {'dup'}, or {'stale', ...} when the
 -- caller passed the config/merchant versions its rejection depended on and
 -- Redis holds newer ones (it decides again with a fresh snapshot).
@@ -15,9 +16,7 @@
 if not still_pending() then return {'dup'} end
 local early = stale()
 if early then return early end
-local err, payload, maxlen, deliveries = ARGV[ARG0], ARGV[ARG0 + 1], ARGV[ARG0 + 2], ARGV[ARG0 + 3]
-CONFIG_REPLY = ARGV[ARG0 + 4] == '1'  -- a config request: its reply carries config_version
-redis.call('XADD', KEYS[KEY0], 'MAXLEN', '~', maxlen, '*',
-  'stream', K.stream, 'entry_id', H.entry, 'request_id', H.rid, 'error', err,
-  'fields', payload, 'deliveries', deliveries, 'at_ms', int(H.now))
+local err, payload, deliveries = ARGV[ARG0], ARGV[ARG0 + 1], ARGV[ARG0 + 2]
+CONFIG_REPLY = ARGV[ARG0 + 3] == '1'  -- a config request: its reply carries config_version
+dead_letter(err, deliveries, payload)
 return finish('invalid', config_fields({'error', err}))
