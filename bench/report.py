@@ -203,6 +203,18 @@ def render_table(results: Mapping[str, Any], targets: Mapping[str, float]) -> st
                 "-",
             )
         )
+        solo = gw.get("solo")
+        if solo:
+            rows.append(
+                (
+                    "Gateway: latency added, one request at a time: p50 / p99",
+                    f"+{_ms(solo['added_p50_s'])} / +{_ms(solo['added_p99_s'])} (through the "
+                    f"gateway {_ms(solo['http_p50_s'])} / {_ms(solo['http_p99_s'])}; direct "
+                    f"{_ms(solo['direct_p50_s'])} / {_ms(solo['direct_p99_s'])})",
+                    "-",
+                    "-",
+                )
+            )
         h, d = gw["http"], gw["direct"]
         rows.append(
             (

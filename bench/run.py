@@ -487,6 +487,25 @@ def run_gateway(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
             )
         run.requests_sent += _requests_of(closed)
         _progress(f"gateway, {a.gateway_concurrency} connections: {closed.rate:,.0f} allocations/s")
+        # The hop's own cost: one request at a time, nothing queued behind it.
+        solo_direct = e2e.closed_loop(
+            cluster.url,
+            cluster.namespace,
+            concurrency=1,
+            processes=1,
+            duration_s=min(duration, 3.0),
+            tag="gws",
+        )
+        solo_http = anyio.run(
+            partial(
+                gateway_bench.closed_loop,
+                gw.port,
+                concurrency=1,
+                duration_s=min(duration, 3.0),
+                tag="gwh",
+            )
+        )
+        run.requests_sent += _requests_of(solo_direct) + _requests_of(solo_http)
         rate = a.gateway_rate
         direct = e2e.open_loop(
             cluster.url, cluster.namespace, rate=rate, processes=1, duration_s=duration, tag="gwd"
@@ -498,6 +517,7 @@ def run_gateway(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
     finally:
         gw.stop()
     qd, qh = Quantiles.of(direct.alloc_latency_s), Quantiles.of(via.alloc_latency_s)
+    sd, sh = Quantiles.of(solo_direct.alloc_latency_s), Quantiles.of(solo_http.alloc_latency_s)
     _progress(
         f"gateway at {rate:,.0f}/s: p50 {_ms(qh.p50)} (direct {_ms(qd.p50)}), "
         f"p99 {_ms(qh.p99)} (direct {_ms(qd.p99)})"
@@ -519,6 +539,14 @@ def run_gateway(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
             "n": qh.n,
             "rejected": via.rejected,
             "errors": via.errors,
+        },
+        "solo": {
+            "direct_p50_s": sd.p50,
+            "direct_p99_s": sd.p99,
+            "http_p50_s": sh.p50,
+            "http_p99_s": sh.p99,
+            "added_p50_s": sh.p50 - sd.p50,
+            "added_p99_s": sh.p99 - sd.p99,
         },
         "added_p50_s": qh.p50 - qd.p50,
         "added_p99_s": qh.p99 - qd.p99,
