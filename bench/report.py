@@ -198,7 +198,10 @@ def render_table(results: Mapping[str, Any], targets: Mapping[str, float]) -> st
             (
                 f"Gateway: HTTP allocate + release, closed loop, {gw['concurrency']} connections",
                 f"{_num(gw['allocations_per_s'])} allocations/s; allocate p50 / p99 "
-                f"{_ms(gw['closed_p50_s'])} / {_ms(gw['closed_p99_s'])}{fails}",
+                f"{_ms(gw['closed_p50_s'])} / {_ms(gw['closed_p99_s'])}{fails}; CPU per "
+                f"allocation: gateway {_num(gw.get('gateway_us'), '{:.0f}')} µs, workers "
+                f"{_num(gw.get('workers_us'), '{:.0f}')} µs, Redis "
+                f"{_num(gw.get('redis_us'), '{:.0f}')} µs",
                 "-",
                 "-",
             )

@@ -57,7 +57,7 @@ from tierpool.bench.common import (
     capacity,
     setup_namespace,
 )
-from tierpool.bench.meters import CpuMeter, Sampler
+from tierpool.bench.meters import CpuMeter, Sampler, _proc_cpu_s
 from tierpool.core.redisconn import connect
 
 DEFAULT_PARTS = ("raw", "e2e", "latency", "propagation", "memory", "failover", "gateway")
@@ -475,6 +475,7 @@ def run_gateway(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
     duration = a.latency_duration or a.duration
     gw = gateway_bench.start_gateway(cluster.url, cluster.namespace, cluster.log_dir, cluster.env)
     try:
+        gw_cpu0 = _proc_cpu_s(gw.proc.pid)
         with CpuMeter(r, cluster.live_workers()) as cpu:
             closed = anyio.run(
                 partial(
@@ -485,6 +486,7 @@ def run_gateway(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
                     tag="gwc",
                 )
             )
+        gateway_us = 1e6 * (_proc_cpu_s(gw.proc.pid) - gw_cpu0) / max(1, closed.all_pairs)
         run.requests_sent += _requests_of(closed)
         _progress(f"gateway, {a.gateway_concurrency} connections: {closed.rate:,.0f} allocations/s")
         # The hop's own cost: one request at a time, nothing queued behind it.
@@ -530,6 +532,7 @@ def run_gateway(run: Run, cluster: Cluster, r: syncredis.Redis) -> None:
         "closed_p50_s": Quantiles.of(closed.alloc_latency_s).p50,
         "closed_p99_s": Quantiles.of(closed.alloc_latency_s).p99,
         **cpu.per_pair_us(closed.all_pairs, closed.cpu_s),
+        "gateway_us": gateway_us,
         "rate": rate,
         "direct": {"p50_s": qd.p50, "p99_s": qd.p99, "p999_s": qd.p999, "n": qd.n},
         "http": {
