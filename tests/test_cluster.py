@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
-import orjson
+import msgspec
 import pytest
 import redis as syncredis
 from redis.asyncio import Redis
@@ -48,7 +48,7 @@ CONFIG = {
     "basic": {"type": "shared", "target": 2, "max_concurrent": 3},
 }
 FAST_ENV = {
-    "TIER_CONFIG": orjson.dumps(CONFIG).decode(),
+    "TIER_CONFIG": msgspec.json.encode(CONFIG).decode(),
     "TIERPOOL_BLOCK": "100ms",
     "TIERPOOL_CLAIM_MIN_IDLE": "600ms",
     "TIERPOOL_CLAIM_INTERVAL": "100ms",
@@ -150,7 +150,7 @@ async def _serve_flows(url: str, namespace: str) -> None:
     r = connect(url, namespace=namespace)
     try:
         assert await r.hget(keys.calls, "c2")
-        assert orjson.loads(await r.get(keys.config) or "{}").get("version") == 2
+        assert msgspec.json.decode(await r.get(keys.config) or "{}").get("version") == 2
     finally:
         await r.aclose()
 
@@ -390,7 +390,7 @@ async def _through(
                     tg.start_soon(agent.shutdown, 2.0)
             assert all(w.alive() for w in workers), "a worker died instead of following"
             now_ms = int((await sr.time())[0]) * 1000
-            config = parse_tier_config(orjson.dumps(CONFIG).decode(), version=1)
+            config = parse_tier_config(msgspec.json.encode(CONFIG).decode(), version=1)
             broken = await violations(sr, keys, config, now_ms=now_ms, pod_ttl_ms=3_000)
         finally:
             await sr.aclose()
