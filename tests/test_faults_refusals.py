@@ -161,3 +161,47 @@ async def test_a_demoted_primary_dead_letters_nothing_and_readyz_says_why(
             x: ["allocated"] for x in calls
         }
         assert any("READONLY" in str(b.get("writes_refused", "")) for b in seen_503), seen_503[:3]
+
+
+async def test_a_busy_script_dead_letters_nothing(redis_url: str, r: Redis, tmp_path: Path) -> None:
+    """Issue 12 item 1, BUSY: a script runs past busy-reply-threshold while
+    requests wait; every command gets BUSY until it ends."""
+    import redis as syncredis
+
+    calls = [f"busy{i}" for i in range(20)]
+
+    def add_then_busy(seconds: float) -> None:
+        """The requests and a script that spins for ``seconds``, in one MULTI:
+        the requests are there, and Redis is busy, at the same instant."""
+        with syncredis.Redis.from_url(redis_url) as sync:
+            sync.config_set("busy-reply-threshold", 100)
+            with sync.pipeline(transaction=True) as pipe:
+                for call in calls:
+                    fields = {"request_id": call, "call_id": call}
+                    pipe.xadd(KEYS.request_stream("allocate"), fields)  # type: ignore[arg-type]
+                pipe.eval(
+                    "local t0 = redis.call('TIME')[1] "
+                    "while tonumber(redis.call('TIME')[1]) - t0 < tonumber(ARGV[1]) do end",
+                    0,
+                    seconds,
+                )
+                pipe.execute()
+
+    with WorkerPool(redis_url, tmp_path, env=ENV) as pool:
+        await pool.start(r, 1)
+        async with (
+            TierpoolClient.from_url(redis_url, namespace=NAMESPACE) as c,
+            anyio.create_task_group() as tg,
+        ):
+            agents = [PodAgent(c, f"pod{i}", f"http://pod{i}:8080") for i in range(2)]
+            for agent in agents:
+                await tg.start(agent.run)
+            # Busy for longer than claim idle x max deliveries.
+            await anyio.to_thread.run_sync(add_then_busy, 3)
+            got = await replies(r, calls, timeout_s=30)
+            for agent in agents:
+                tg.start_soon(agent.shutdown, 0.0)
+        assert await r.xlen(KEYS.dead) == 0
+        assert {x: [e["status"] for e in got[x]] for x in calls} == {
+            x: ["allocated"] for x in calls
+        }
