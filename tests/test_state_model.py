@@ -63,6 +63,8 @@ CONFIG_A: dict[str, Any] = {
         "basic": {"type": "shared", "target": 2, "max_concurrent": 3},
         "vault": {"type": "exclusive", "target": 1, "zone": "restricted"},
         "acme": {"type": "shared", "target": 1, "max_concurrent": 2},
+        # a dedicated pool no policy names: it serves nobody (contract v1.1)
+        "spare": {"type": "shared", "target": 1, "max_concurrent": 2},
     },
     "default_chain": ["gold", "vault", "basic"],
 }
@@ -81,6 +83,8 @@ CONFIG_C: dict[str, Any] = {  # gold removed; a capability-3 pool outside nobody
         "vault": {"type": "exclusive", "target": 1, "zone": "restricted"},
         "acme": {"type": "shared", "target": 1, "max_concurrent": 2},
         "top": {"type": "shared", "target": 1, "max_concurrent": 2, "capability": 3},
+        # a dedicated pool no policy names: it serves nobody (contract v1.1)
+        "spare": {"type": "shared", "target": 1, "max_concurrent": 2},
     },
     "default_chain": ["basic", "vault", "top"],
 }
@@ -186,7 +190,8 @@ class Model:
         for name in explicit:
             if name in out or name not in cfg.pools:
                 continue
-            if cfg.dedicated(name) and self.owner(name) != req.merchant_id:
+            owner = self.owner(name)
+            if cfg.dedicated(name) and (owner is None or owner != req.merchant_id):
                 continue
             if cfg.pools[name].cap >= min_cap:
                 out.append(name)
@@ -367,7 +372,9 @@ def test_random_transitions_keep_every_invariant(redis_url: str) -> None:
             merchant=st.sampled_from([None, "m1", "m2"]),
             zone=st.sampled_from(["any", "restricted"]),
             mode=st.sampled_from(["strict", "flexible"]),
-            chain=st.sampled_from([None, ("basic",), ("vault", "gold"), ("acme", "top")]),
+            chain=st.sampled_from(
+                [None, ("basic",), ("vault", "gold"), ("acme", "top"), ("spare", "basic")]
+            ),
             min_cap=st.sampled_from([None, 2]),
         )
         def allocate(
