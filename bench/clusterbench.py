@@ -57,16 +57,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             n: cluster.master_of(_slot(n)) for n in names
         }  # namespace -> master port
         anyio.run(_setup, cluster.url, names, args.tiers, args.pods)
+        masters = sorted(set(out["namespaces"].values()))
         for rep in range(args.repeat):
             for count in (1, 3):
-                res = raw.measure(
-                    cluster.url,
-                    names[:count],
-                    processes=1,
-                    batch=args.batch,
-                    duration_s=args.duration,
-                )
-                _row(out, "raw", count, rep, res.rate)
+                with _MasterCpu(masters) as cpu:
+                    res = raw.measure(
+                        cluster.url,
+                        names[:count],
+                        processes=1,
+                        batch=args.batch,
+                        duration_s=args.duration,
+                    )
+                _row(out, "raw", count, rep, res.rate, masters_busy=cpu.busy())
         worker, log_path = _start_worker(cluster.url, names)
         try:
             anyio.run(_wait_workers, cluster.url, names, worker, log_path)
@@ -85,8 +87,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                         for n in names[:count]
                     ]
-                    loaded = e2e.run_load(jobs)
-                    _row(out, "e2e", count, rep, loaded.rate, errors=loaded.errors)
+                    with _MasterCpu(masters) as cpu:
+                        loaded = e2e.run_load(jobs)
+                    _row(
+                        out,
+                        "e2e",
+                        count,
+                        rep,
+                        loaded.rate,
+                        errors=loaded.errors,
+                        masters_busy=cpu.busy(),
+                    )
         finally:
             worker.terminate()
             try:
@@ -107,6 +118,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for count in (1, 3)
         }
         out[part] = {"one_namespace": best[1], "three_namespaces": best[3]}
+        for count, label in ((1, "one"), (3, "three")):
+            run_ = next(
+                (
+                    r
+                    for r in out["runs"]
+                    if (r["part"], r["namespaces"], r["allocations_per_s"])
+                    == (part, count, best[count])
+                ),
+                None,
+            )
+            if run_ is not None:
+                out[part][f"{label}_masters_busy"] = run_.get("masters_busy", {})
         if best[1]:
             out[part]["speedup"] = best[3] / best[1]
     return out
@@ -122,11 +145,51 @@ def render(out: dict[str, Any]) -> str:
     ]
     for part in ("raw", "e2e"):
         r = out.get(part, {})
+
+        def busy(label: str, r: dict[str, Any] = r) -> str:
+            shares = list(r.get(f"{label}_masters_busy", {}).values())
+            return " (masters busy " + "/".join(f"{x:.0%}" for x in shares) + ")" if shares else ""
+
         lines.append(
-            f"| {part} | {r.get('one_namespace', 0):,.0f}/s | "
-            f"{r.get('three_namespaces', 0):,.0f}/s | {r.get('speedup', 0):.2f}x |"
+            f"| {part} | {r.get('one_namespace', 0):,.0f}/s{busy('one')} | "
+            f"{r.get('three_namespaces', 0):,.0f}/s{busy('three')} | "
+            f"{r.get('speedup', 0):.2f}x |"
         )
     return "\n".join(lines)
+
+
+class _MasterCpu:
+    """CPU each master used (``INFO cpu``) over a block, as a share of its wall time.
+
+    Includes the clients' start-up and warm-up around the measured window,
+    so it is an average over the whole run, not the window alone.
+    """
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+
+    def _read(self) -> dict[int, float]:
+        import redis as syncredis
+
+        out = {}
+        for port in self.ports:
+            with syncredis.Redis(port=port) as r:
+                info = r.info("cpu")
+            out[port] = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        return out
+
+    def __enter__(self) -> _MasterCpu:
+        self._t0, self._cpu0 = time.monotonic(), self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._elapsed = time.monotonic() - self._t0
+        self._cpu1 = self._read()
+
+    def busy(self) -> dict[str, float]:
+        return {
+            str(p): round((self._cpu1[p] - self._cpu0[p]) / self._elapsed, 3) for p in self.ports
+        }
 
 
 def _slot(name: str) -> int:
@@ -146,7 +209,13 @@ def _row(out: dict[str, Any], part: str, count: int, rep: int, rate: float, **ex
             **extra,
         }
     )
-    print(f"cluster {part}, {count} namespace(s): {rate:,.0f} allocations/s", file=sys.stderr)
+    busy = extra.get("masters_busy", {})
+    shown = ", ".join(f"{v:.0%}" for v in busy.values())
+    print(
+        f"cluster {part}, {count} namespace(s): {rate:,.0f} allocations/s; "
+        f"masters busy {shown}; load average {os.getloadavg()[0]:.1f}",
+        file=sys.stderr,
+    )
 
 
 async def _setup(url: str, names: list[str], tiers: str, pods: int) -> None:

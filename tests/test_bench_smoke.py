@@ -69,3 +69,36 @@ def test_bench_prints_a_table_and_json() -> None:
     assert results["propagation"]["changes"] == 2
     assert results["memory"]["requests"] >= 200
     assert results["failover"]["new_token"] != results["failover"]["old_token"]
+
+
+@pytest.mark.slow
+def test_bench_cluster_prints_both_figures() -> None:
+    """``tierpool bench --cluster`` runs on its own three-master cluster and reports both parts."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "tierpool",
+        "bench",
+        "--cluster",
+        "--pods",
+        "40",
+        "--duration",
+        "0.5",
+        "--repeat",
+        "1",
+        "--batch",
+        "8",
+        "--concurrency",
+        "4",
+        "--json",
+        "-",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table, brace, rest = done.stdout.partition("\n{")
+    assert "| part | 1 namespace | 3 namespaces (3 masters) | ratio |" in table
+    result = msgspec.json.decode(brace + rest)
+    assert len(set(result["namespaces"].values())) == 3  # three namespaces, three masters
+    for part in ("raw", "e2e"):
+        assert result[part]["one_namespace"] > 0 and result[part]["three_namespaces"] > 0
+    assert all(run.get("errors", 0) == 0 for run in result["runs"])
