@@ -337,3 +337,21 @@ def test_entry_point_exit_codes(tmp_path: Path) -> None:
     good.write_text('{"gold": 1}')
     done = tierpool("config", "validate", str(good), "--json")
     assert done.returncode == 0 and msgspec.json.decode(done.stdout)["valid"] is True
+
+
+async def test_a_reply_not_its_own_is_one_line_not_a_traceback(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply the client refuses (ReplyMismatch: a forged one here) ends the
+    command with one line and exit 1, like any refusal."""
+    from tierpool.client import client as client_module
+    from tierpool.core.keys import Keys
+
+    monkeypatch.setattr(client_module, "new_request_id", lambda: "forged-1")
+    await live.r.xadd(
+        Keys(NS).reply("forged-1"),
+        {"request_id": "forged-1", "status": "allocated", "kind": "allocate", "call_id": "other"},
+    )
+    code, _, err = await live.tp("allocate", "c-mine")
+    assert code == 1, err
+    assert "the reply cannot be trusted" in err and "Traceback" not in err

@@ -26,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tierpool.core.errors import (
     InvalidMessage,
     RedisUnavailable,
+    ReplyMismatch,
     RequestNotSent,
     RequestTimeout,
     SettingsError,
@@ -158,6 +159,9 @@ def run(args: argparse.Namespace, body: Callable[[Ops], Awaitable[int]]) -> int:
         if isinstance(leaf, InvalidMessage):
             error(command, f"not sent: {leaf}")
             return EXIT_USAGE
+        if isinstance(leaf, ReplyMismatch):
+            error(command, f"the reply cannot be trusted: {leaf}")
+            return EXIT_FAILED
         if isinstance(leaf, RequestTimeout | TimeoutError):
             if isinstance(leaf, RequestNotSent):
                 note = "it was never sent, so it will not be applied"
