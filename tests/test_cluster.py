@@ -10,6 +10,7 @@ through the cluster's first node, whichever master serves their namespace.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -424,3 +425,59 @@ async def _at_least(times: Sequence[float], n: int, after: float = 0.0) -> bool:
 
 async def _empty(d: dict[str, str]) -> bool:
     return not d
+
+
+async def test_unblock_goes_only_to_the_readers_node(redis_url: str) -> None:
+    """``CLIENT UNBLOCK`` names a client of one server: the writer sends it only over a
+    connection to the node where the reader got its id (after a failover or a migration
+    the two may briefly be on different nodes, where the id is some other client's)."""
+    from tierpool.client.mux import Mux
+
+    keys = Keys("u")
+    stream = keys.request_stream("release")
+
+    async with Mux(connect(redis_url, namespace="u"), block_ms=800) as mux:
+
+        async def send(rid: str) -> None:
+            with contextlib.suppress(Exception):  # nobody answers: only the kicks count
+                await mux.submit(rid, stream, {"x": rid}, keys.reply(rid), 3)
+
+        async def blocked() -> bool:
+            return mux._blocked_gen is not None
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send, "r1")
+            await wait_for(blocked, timeout_s=5)
+            kicks = mux.stats.kicks
+            tg.start_soon(send, "r2")  # same node: the blocked read is interrupted
+            await wait_for(lambda: _true(mux.stats.kicks > kicks), timeout_s=5)
+            await wait_for(blocked, timeout_s=5)
+            mux._reader_node = ("10.255.0.1", 7000)  # as if the reader were on another node
+            kicks = mux.stats.kicks
+            tg.start_soon(send, "r3")
+            await anyio.sleep(0.5)
+            assert mux.stats.kicks == kicks  # no CLIENT UNBLOCK sent to the writer's node
+            assert mux.stats.sent >= 3  # the request itself went out
+            tg.cancel_scope.cancel()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"), [("a,a", "listed twice"), ("a,b c", "'b c'"), ("a,{b}", "'{b}'")]
+)
+def test_a_bad_namespace_list_stops_the_worker_at_start(raw: str, why: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERPOOL_", "REDIS"))}
+    env.update(TIERPOOL_NAMESPACE=raw, REDIS_URL="redis://127.0.0.1:1/0")
+    done = subprocess.run(
+        [sys.executable, "-m", "tierpool.workers"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "TIERPOOL_NAMESPACE" in done.stderr and why in done.stderr
