@@ -52,8 +52,9 @@ ROLES: Final = ("tierpool-worker", "tierpool-producer", "tierpool-pod", "tierpoo
 _RESET: Final = ("on", "resetkeys", "resetchannels", "clearselectors", "-@all")
 """Permissions start from nothing each time; passwords are left as they are."""
 
-_CONNECTION: Final = ("+@connection", "-@dangerous", "+time")
-"""What a redis-py connection sends by itself, minus CLIENT KILL/LIST/PAUSE and the like."""
+_CONNECTION: Final = ("+@connection", "-@dangerous", "+time", "+cluster|slots")
+"""What a redis-py connection sends by itself, minus CLIENT KILL/LIST/PAUSE and the like;
+and, on a Redis Cluster, ``CLUSTER SLOTS`` (which node serves the namespace's slot)."""
 
 
 def _reply_selector(keys: Sequence[Keys]) -> str:
