@@ -102,3 +102,27 @@ def test_bench_cluster_prints_both_figures() -> None:
     for part in ("raw", "e2e"):
         assert result[part]["one_namespace"] > 0 and result[part]["three_namespaces"] > 0
     assert all(run.get("errors", 0) == 0 for run in result["runs"])
+
+
+def test_breakdown_reports_every_transition_and_its_commands() -> None:
+    """``python -m tierpool.bench.breakdown``: each backlog fully processed, per-command counts."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "tierpool.bench.breakdown",
+        "--pods",
+        "30",
+        "--requests",
+        "30",
+        "--rounds",
+        "1",
+        "--profile",
+        "5",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "allocate  n=30 {'allocated': 30} Redis CPU" in out
+    assert "release   n=30 {'released': 30} Redis CPU" in out
+    assert "evalsha" in out and "xpending" in out  # per-command lines
+    assert "function calls" in out  # the worker's profile
