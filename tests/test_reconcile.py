@@ -24,6 +24,7 @@ from tierpool.core.reconcile import (
     reconcile,
 )
 from tierpool.core.state import PoolState
+from tierpool.core.tierconfig import pod_may_join
 from tierpool.schemas import ConfigRequest, DrainRequest
 
 pytestmark = pytest.mark.anyio
@@ -467,3 +468,25 @@ async def test_move_refuses_a_pool_the_pod_does_not_meet(r: Redis) -> None:
     assert await pools(r) == {"p0": ""}
     res = await apply_moves(state, snap, token, [Move("p0", "", "std", "assign")], now_ms=T0)
     assert res.moved and await pools(r) == {"p0": "std"}
+
+
+async def test_lua_may_join_is_the_python_pod_may_join(r: Redis) -> None:
+    """The pod-may-join rule lives once per language (``pod_may_join`` in
+    ``core/tierconfig.py``, ``may_join`` in ``_prelude.lua``): for every pool
+    zone and capability, a config change keeps exactly the pods Python says
+    may join."""
+    kinds = [(zone, cap) for zone in ("open", "restricted") for cap in (1, 2, 3)]
+    for pool_zone in ("open", "restricted"):
+        for pool_cap in (1, 2, 3):
+            await r.flushall()
+            state = await make_state(r, {"p": {"type": "shared", "target": 10}})
+            ops = Ops(state)
+            for zone, cap in kinds:
+                await ops.register(f"{zone}-{cap}", zone=zone, capability=cap)
+            tier = {"type": "shared", "target": 10, "zone": pool_zone, "capability": pool_cap}
+            await set_config(state, {"p": tier}, rid=f"cfg-{pool_zone}-{pool_cap}")
+            kept = {pod for pod, pool in (await pools(r)).items() if pool == "p"}
+            rule = state.source.current().config.tier("p")
+            assert kept == {
+                f"{zone}-{cap}" for zone, cap in kinds if pod_may_join(rule, zone, cap)
+            }, (pool_zone, pool_cap)
