@@ -12,38 +12,7 @@ from dataclasses import dataclass
 
 from tierpool.core.snapshot import ConfigSnapshot, dedicated_pools
 from tierpool.core.tierconfig import pod_may_join
-from tierpool.schemas import AllocateRequest
-
-
-@dataclass(frozen=True, slots=True)
-class Reason:
-    """One filter that excludes one pool (contract v1.1: every one is named).
-
-    ``pool``, ``required_zone`` and ``required_capability`` are the
-    structured part a program can act on; ``detail`` and
-    ``suggested_action`` are for people, and the action must really help.
-    """
-
-    filter: str
-    detail: str
-    suggested_action: str
-    pool: str | None = None
-    required_zone: str | None = None
-    required_capability: int | None = None
-
-    def as_dict(self) -> dict[str, str | int]:
-        out: dict[str, str | int] = {
-            "filter": self.filter,
-            "detail": self.detail,
-            "suggested_action": self.suggested_action,
-        }
-        if self.pool is not None:
-            out["pool"] = self.pool
-        if self.required_zone is not None:
-            out["required_zone"] = self.required_zone
-        if self.required_capability is not None:
-            out["required_capability"] = self.required_capability
-        return out
+from tierpool.schemas import AllocateRequest, Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +54,14 @@ def place(req: AllocateRequest, snap: ConfigSnapshot) -> Placement:
             req.zone,
             (
                 Reason(
-                    "merchant",
-                    f"the stored policy of merchant {req.merchant_id} cannot be read: "
+                    filter="merchant",
+                    detail=f"the stored policy of merchant {req.merchant_id} cannot be read: "
                     f"{snap.unreadable[req.merchant_id]}",
-                    "store the policy again (a config request with merchant_id and merchant), "
-                    "or remove it; a policy written by a newer release needs that release",
+                    suggested_action=(
+                        "store the policy again (a config request with merchant_id and "
+                        "merchant), or remove it; a policy written by a newer release "
+                        "needs that release"
+                    ),
                 ),
             ),
         )
@@ -135,9 +107,9 @@ def place(req: AllocateRequest, snap: ConfigSnapshot) -> Placement:
         if tier is None:
             excluded.append(
                 Reason(
-                    "config",
-                    f"pool {name} is not configured",
-                    f"add tier {name} to the tier config or fix the chain",
+                    filter="config",
+                    detail=f"pool {name} is not configured",
+                    suggested_action=f"add tier {name} to the tier config or fix the chain",
                     pool=name,
                 )
             )
@@ -168,18 +140,22 @@ def place(req: AllocateRequest, snap: ConfigSnapshot) -> Placement:
 def _dedicated_reason(name: str, owner: str | None, default_chain: Sequence[str]) -> Reason:
     if owner is None:
         return Reason(
-            "merchant",
-            f"pool {name} is a dedicated pool (not in default_chain) that no merchant "
+            filter="merchant",
+            detail=f"pool {name} is a dedicated pool (not in default_chain) that no merchant "
             "policy names: it serves nobody",
-            f"set a merchant policy with pool {name} and send that merchant_id, "
+            suggested_action=f"set a merchant policy with pool {name} and send that merchant_id, "
             "or use the default chain",
             pool=name,
         )
     chain = ", ".join(default_chain) or "none configured"
     return Reason(
-        "merchant",
-        f"pool {name} is dedicated to merchant {owner}: it serves only that merchant's requests",
-        f"use pools of the default chain ({chain}), or your merchant's own dedicated pool",
+        filter="merchant",
+        detail=(
+            f"pool {name} is dedicated to merchant {owner}: it serves only that merchant's requests"
+        ),
+        suggested_action=(
+            f"use pools of the default chain ({chain}), or your merchant's own dedicated pool"
+        ),
         pool=name,
     )
 
@@ -208,7 +184,13 @@ def _capability_reason(
         )
     else:
         action = f"{lower} (pools {', '.join(qualifying)} qualify and are tried)"
-    return Reason("capability", detail, action, pool=name, required_capability=required)
+    return Reason(
+        filter="capability",
+        detail=detail,
+        suggested_action=action,
+        pool=name,
+        required_capability=required,
+    )
 
 
 def join_candidates(

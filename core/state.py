@@ -205,7 +205,7 @@ class PoolState:
             prefix, suffix = placement.session_url_parts(
                 self.settings.voice_agent_base_url, msg.provider, msg.flow, msg.template
             )
-            reasons = msgspec.json.encode([r.as_dict() for r in plan.excluded]).decode()
+            reasons = msgspec.json.encode(plan.excluded).decode()
             args = plans[1][key] = (
                 plan.zone,
                 prefix,

@@ -31,7 +31,7 @@ Status = Literal[
 ]
 
 
-class Reason(Struct, frozen=True, kw_only=True):
+class Reason(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Why one filter turned a request down, and what the producer could do about it.
 
     One reason per pool and filter that excludes it (v1.1); ``pool``,
