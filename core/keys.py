@@ -168,6 +168,25 @@ class Keys:
         """Sorted set pod_id -> drain mark expiry, epoch ms. Presence = draining."""
         return f"{self.prefix}pod:draining"
 
+    @cached_property
+    def pod_unwitnessed(self) -> str:
+        """Set of pods that take no new call until they witness their calls again.
+
+        Filled by ``quarantine.lua`` when Redis's replication history changed
+        (a failover or restart may have lost writes); a pod leaves it with its
+        next ``register`` or heartbeat, which restores the calls it lists first.
+        """
+        return f"{self.prefix}pod:unwitnessed"
+
+    @cached_property
+    def replid(self) -> str:
+        """The ``master_replid`` under which this namespace's state was written.
+
+        A server answering with another one has a new replication history
+        (failover to a replica, restart): it may have lost the last writes.
+        """
+        return f"{self.prefix}replid"
+
     # --- ours: pools ---------------------------------------------------------
     @cached_property
     def pool_count(self) -> str:

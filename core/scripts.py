@@ -121,6 +121,7 @@ PRELUDE_KEYS: tuple[tuple[str, str], ...] = (
     ("leader", "leader"),
     ("dead", "dead"),
     ("done", "processed"),
+    ("unwit", "pod_unwitnessed"),
 )
 """KEYS[1..]: (the prelude's ``K`` field, the :class:`Keys` attribute it holds).
 The first two vary per call (the source stream and the reply stream)."""

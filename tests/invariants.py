@@ -30,15 +30,16 @@ async def read_state(r: Redis, keys: Keys, config: TierConfig) -> dict[str, Any]
         pipe.zrange(keys.pod_seen, 0, -1, withscores=True)
         pipe.zrange(keys.pod_draining, 0, -1)
         pipe.zrange(keys.leases, 0, -1, withscores=True)
+        pipe.smembers(keys.pod_unwitnessed)
         for name in config.pools:
             pipe.zrange(keys.pool_free(name, "open"), 0, -1, withscores=True)
             pipe.zrange(keys.pool_free(name, "restricted"), 0, -1, withscores=True)
         res = await pipe.execute()
-    pools, zones, loads, caps, calls, counts, members, seen, draining, leases = res[:10]
+    pools, zones, loads, caps, calls, counts, members, seen, draining, leases, unwit = res[:11]
     free: dict[tuple[str, str], dict[str, float]] = {}
     for i, name in enumerate(config.pools):
-        free[(name, "open")] = dict(res[10 + 2 * i])
-        free[(name, "restricted")] = dict(res[11 + 2 * i])
+        free[(name, "open")] = dict(res[11 + 2 * i])
+        free[(name, "restricted")] = dict(res[12 + 2 * i])
     pod_calls: dict[str, list[str]] = {p: [] for p in pools}
     for m in members:
         pod, _, call = m.partition(" ")
@@ -54,6 +55,7 @@ async def read_state(r: Redis, keys: Keys, config: TierConfig) -> dict[str, Any]
         "seen": dict(seen),
         "draining": set(draining),
         "leases": dict(leases),
+        "unwitnessed": set(unwit),
         "free": free,
     }
 
@@ -136,6 +138,7 @@ async def violations(
             if p == pool
             and s["zones"].get(pod) == zone
             and pod not in s["draining"]
+            and pod not in s["unwitnessed"]
             and s["loads"].get(pod, 0) < tier.max_concurrent
         }
         want = {

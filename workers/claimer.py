@@ -98,7 +98,7 @@ class Claimer:
         consumer_gc_idle_ms: int | None = None,
     ) -> None:
         self.ctx = ctx
-        self.outage = outage or Outage(ctx.health)
+        self.outage = outage or Outage(ctx.health, ctx.epoch)
         self.processor = processor or Processor(ctx)
         self.control = LoopControl()
         self.streams = ctx.keys.all_input_streams

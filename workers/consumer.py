@@ -48,7 +48,7 @@ class Consumer:
 
     def __init__(self, ctx: WorkerContext, outage: Outage | None = None) -> None:
         self.ctx = ctx
-        self.outage = outage or Outage(ctx.health)
+        self.outage = outage or Outage(ctx.health, ctx.epoch)
         self.processor = Processor(ctx)
         self.control = LoopControl()
         self.streams = ctx.keys.all_input_streams

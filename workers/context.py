@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from tierpool.core.configcache import ConfigCache
+from tierpool.core.epoch import Epoch
 from tierpool.core.errors import SettingsError
 from tierpool.core.keys import Keys
 from tierpool.core.podsource import PodSource
@@ -64,6 +65,11 @@ class WorkerContext:
     leader_token: str | None = None
     pod_source: PodSource | None = None
     """Run by the leader each term besides its own loops (``POD_SOURCE``)."""
+    epoch: Epoch = field(init=False)
+    """Checks Redis's replication history before writes when it may have changed."""
+
+    def __post_init__(self) -> None:
+        self.epoch = Epoch(self.state)
 
     @classmethod
     def create(cls, settings: Settings, worker_id: str | None = None) -> WorkerContext:

@@ -9,6 +9,8 @@ Every worker runs :func:`run_leader`; one at a time wins the lease
   expired leases, silent pods, lapsed drain marks;
 - gauges (``core.reconcile.publish_gauges``) every ``GAUGES_INTERVAL_S``, so
   every replica's exporter copies the same figures;
+- the replication-history check (``core.epoch``) every ``EPOCH_INTERVAL_S``:
+  a failover no worker noticed still quarantines the pods;
 - ``core.upstream.run_upstream`` (the upstream tier
   config source; it returns at once when ``TIER_CONFIG_URL`` is unset);
 - the pod source, when ``POD_SOURCE`` names one (``tierpool.kube``): its
@@ -40,6 +42,10 @@ log = logging.getLogger(__name__)
 
 GAUGES_INTERVAL_S = 2.0
 """How often the leader recomputes the pool gauges in Redis."""
+EPOCH_INTERVAL_S = 5.0
+"""How often the leader compares Redis's replication id with the stored one
+(one ``INFO`` and one small script): a failover that no worker noticed is
+found within a pod heartbeat or so."""
 UPSTREAM_RESTART_S = 5.0
 """Pause before restarting ``run_upstream`` after it failed."""
 POD_SOURCE_RESTART_S = 2.0
@@ -73,6 +79,7 @@ async def lead(ctx: WorkerContext, term: Leadership) -> None:
             )
             tg.start_soon(_every, "reap", s.cleanup_interval_s, partial(reap_once, ctx, term))
             tg.start_soon(_every, "gauges", GAUGES_INTERVAL_S, partial(gauges_once, ctx, term))
+            tg.start_soon(_every, "epoch", EPOCH_INTERVAL_S, partial(epoch_once, ctx))
             tg.start_soon(_supervise, run_upstream, ctx, term)
             if ctx.pod_source is not None:
                 tg.start_soon(_run_pod_source, ctx, term)
@@ -123,6 +130,17 @@ async def reap_once(ctx: WorkerContext, term: Leadership) -> None:
         term.step_down("reap was fenced")
     elif res.status == "stale":
         log.warning("reap: config kept changing; retrying next cycle")
+
+
+async def epoch_once(ctx: WorkerContext) -> None:
+    """Look at Redis's replication history even while no message arrives.
+
+    Workers check before their next write after an outage or refusal; this
+    tick also catches a failover that none of them noticed (an idle worker
+    whose connection moved quietly). One ``INFO`` per tick (core/epoch.py).
+    """
+    ctx.epoch.mark()
+    await ctx.epoch.ensure()
 
 
 async def gauges_once(ctx: WorkerContext, term: Leadership) -> None:

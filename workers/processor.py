@@ -269,16 +269,28 @@ class Processor:
         """
         todo = list(batch)
         delay = BACKOFF_FIRST_S
+        epoch = self.ctx.epoch
         while todo:
             with control.batch():
                 try:
+                    # Free unless Redis may have changed since the last check
+                    # (start, an outage, a refusal): core/epoch.py.
+                    await epoch.ensure()
                     statuses = await self.process(todo)
                 except REDIS_DOWN as exc:
                     statuses = ["refused"] * len(todo)
                     self.refusals.refused(
                         f"Redis unreachable: {exc or type(exc).__name__}", len(todo)
                     )
+                except ResponseError as exc:  # the epoch check refused (OOM, READONLY...)
+                    reason = write_refusal(exc)
+                    if reason is None:
+                        raise
+                    statuses = ["refused"] * len(todo)
+                    self.refusals.refused(reason, len(todo))
             todo = [d for d, st in zip(todo, statuses, strict=True) if st == "refused"]
+            if todo:
+                epoch.mark()  # a failover shows as refusals or a lost connection
             if not todo or control.stopping:
                 return
             if on_refused is not None:

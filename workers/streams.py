@@ -38,6 +38,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tierpool.core.clock import monotonic_s
+from tierpool.core.epoch import Epoch
 from tierpool.core.keys import GROUP, Keys
 from tierpool.schemas import REQUEST_KINDS
 from tierpool.workers.context import Health
@@ -158,8 +159,9 @@ class Outage:
     loops of a process so that an outage is reported once, not per loop.
     """
 
-    def __init__(self, health: Health | None = None) -> None:
+    def __init__(self, health: Health | None = None, epoch: Epoch | None = None) -> None:
         self.health = health
+        self.epoch = epoch
         self.since: float | None = None
         self._delay = BACKOFF_FIRST_S
 
@@ -176,6 +178,8 @@ class Outage:
             )
         if self.health is not None:
             self.health.redis_ok = False
+        if self.epoch is not None:  # the server that answers next may be another one
+            self.epoch.mark()
         delay, self._delay = self._delay, min(self._delay * 2, BACKOFF_CAP_S)
         await anyio.sleep(delay)
 

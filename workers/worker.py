@@ -76,7 +76,7 @@ class Worker:
     def __init__(self, ctx: WorkerContext, *, without: frozenset[str] = frozenset()) -> None:
         self.ctx = ctx
         self.without = without
-        self.outage = Outage(ctx.health)
+        self.outage = Outage(ctx.health, ctx.epoch)
         self.consumer = Consumer(ctx, self.outage)
         self.claimer = Claimer(ctx, self.outage, self.consumer.processor)
         self.ready = anyio.Event()

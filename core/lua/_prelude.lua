@@ -8,8 +8,9 @@
 --   6 pod:pool  7 pod:endpoint  8 pod:zone  9 pod:capability  10 pod:labels
 --   11 pod:load 12 pod:callset 13 pod:seen  14 pod:draining   15 pool:count
 --   16 calls    17 leases      18 leader    19 dead letters   20 processed
---   21.. pool table: per configured pool i (0-based), KEYS[21+2i] free:open
---        and KEYS[22+2i] free:restricted
+--   21 pod:unwitnessed
+--   22.. pool table: per configured pool i (0-based), KEYS[22+2i] free:open
+--        and KEYS[23+2i] free:restricted
 -- Fixed ARGV layout:
 --   1 now_ms ("" = Redis TIME)  2 entry_id ("" = not from a stream)
 --   3 request_id ("" = no reply)  4 deadline_ms ("" = none; 0 is long past)
@@ -25,7 +26,13 @@
 -- Free-index invariant kept by every script: a pod is in
 -- pool:{P}:free:{Z} with score = its load iff it is registered, assigned to
 -- P, of zone Z, alive (seen within pod_ttl), not draining, and its load is
--- below P's max_concurrent.
+-- below P's max_concurrent, and not unwitnessed.
+--
+-- pod:unwitnessed holds the pods that take no new call until they list
+-- their calls again: quarantine.lua fills it when Redis's replication
+-- history changed (a failover to a replica that may have lagged, a
+-- restart), and a pod's next register or heartbeat -- which restores the
+-- calls it lists first (witness) -- takes it out.
 --
 -- pod:callset is one sorted set for the namespace, every score 0, member
 -- "{pod_id} {call_id}" (ids never hold a space): a pod's calls are one
@@ -47,7 +54,7 @@ local K = {
   pool = KEYS[6], endpoint = KEYS[7], zone = KEYS[8], cap = KEYS[9],
   labels = KEYS[10], load = KEYS[11], pcalls = KEYS[12], seen = KEYS[13],
   draining = KEYS[14], count = KEYS[15], calls = KEYS[16], leases = KEYS[17],
-  leader = KEYS[18], dead = KEYS[19], done = KEYS[20],
+  leader = KEYS[18], dead = KEYS[19], done = KEYS[20], unwit = KEYS[21],
 }
 
 local function clock(arg)
@@ -75,7 +82,7 @@ do
       name = ARGV[17 + 5 * i], max = tonumber(ARGV[18 + 5 * i]),
       zone = ARGV[19 + 5 * i], cap = tonumber(ARGV[20 + 5 * i]),
       dedicated = ARGV[21 + 5 * i] == '1',
-      open = KEYS[21 + 2 * i], restricted = KEYS[22 + 2 * i],
+      open = KEYS[22 + 2 * i], restricted = KEYS[23 + 2 * i],
     }
     P[p.name] = p
     POOLS[i + 1] = p
@@ -83,7 +90,7 @@ do
 end
 -- The script's own part: its first ARGV and its first KEYS (after the pool table).
 local ARG0 = 17 + 5 * #POOLS
-local KEY0 = 21 + 2 * #POOLS
+local KEY0 = 22 + 2 * #POOLS
 
 local function int(x) return string.format('%d', x) end
 
@@ -259,7 +266,8 @@ local function refresh_free(pod, pool, load)
   redis.call('ZREM', other, pod)
   load = load or tonumber(redis.call('HGET', K.load, pod) or '0')
   if load < p.max and pod_alive(pod)
-      and redis.call('ZSCORE', K.draining, pod) == false then
+      and redis.call('ZSCORE', K.draining, pod) == false
+      and redis.call('SISMEMBER', K.unwit, pod) == 0 then
     redis.call('ZADD', key, load, pod)
   else
     redis.call('ZREM', key, pod)
@@ -368,6 +376,7 @@ local function remove_pod(pod, why)
   end
   redis.call('ZREM', K.seen, pod)
   redis.call('ZREM', K.draining, pod)
+  redis.call('SREM', K.unwit, pod)
   return ids, pool or '', true
 end
 

@@ -25,5 +25,6 @@ if ARGV[ARG0 + 1] == '1' then
   for i = ARG0 + 2, #ARGV do listed[#listed + 1] = ARGV[i] end
   witness(pod, listed)
 end
+redis.call('SREM', K.unwit, pod)  -- it has witnessed (or cannot): it may take calls again
 refresh_free(pod)
 return finish('alive', {'pod_id', pod})

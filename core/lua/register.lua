@@ -95,6 +95,7 @@ if ARGV[flag] == '1' then
   for i = flag + 1, #ARGV do listed[#listed + 1] = ARGV[i] end
   witness(pod, listed)
 end
+redis.call('SREM', K.unwit, pod)  -- it has witnessed (or cannot): it may take calls again
 refresh_free(pod)
 local kind = 'pod_registered'
 if known then kind = 'pod_reregistered' end
