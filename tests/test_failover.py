@@ -18,19 +18,27 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import anyio
 import pytest
 from redis.asyncio import Redis
 
+from tests.conftest import wait_for
 from tests.invariants import violations
+from tests.procs import reply, send
 from tests.statekit import KEYS, Ops, make_state
 from tierpool.core.clock import now_ms
 from tierpool.core.epoch import Epoch, check_epoch, server_replid
+from tierpool.core.settings import Settings
 from tierpool.core.state import PoolState
+from tierpool.workers.context import WorkerContext
 from tierpool.workers.redisfarm import command, wait_until
 from tierpool.workers.redisproc import RedisProcess
+from tierpool.workers.streams import ensure_groups
+from tierpool.workers.worker import Worker
 
 pytestmark = [pytest.mark.anyio]
 
+ALLOCATE = KEYS.request_stream("allocate")
 CONFIG = {"gold": {"type": "exclusive", "target": 2}}
 POD_TTL_MS = 15_000
 
@@ -248,3 +256,56 @@ async def test_after_a_lagging_failover_no_pod_is_double_booked(
         )
         == []
     )
+
+
+async def test_a_worker_on_the_promoted_replica_quarantines_before_its_first_write(
+    clients: tuple[Redis, Redis, RedisProcess],
+) -> None:
+    """The whole path: a worker process's loops reach the replica, which
+    refuses writes until promoted; the promotion loses call c1; the worker's
+    first batch on the new master checks the history first, so the exclusive
+    pod takes no new call until its heartbeat restores c1."""
+    old, new, replica = clients
+    state = await make_state(old, CONFIG)
+    await ensure_groups(old, KEYS.all_input_streams, KEYS)
+    ops = Ops(state)
+    await ops.register("p1")
+    assert await check_epoch(state) == ("adopted", 0)
+    replid = await old.get(KEYS.replid)
+    wait_until(
+        "the replica holds the pod and the replid",
+        lambda: command(replica.port, "GET", KEYS.replid) == replid,
+        30.0,
+    )
+    settings = Settings(
+        redis_url=replica.url, namespace=KEYS.namespace, block_ms=100, claim_interval_s=0.1
+    )
+    ctx = WorkerContext.create(settings)
+    worker = Worker(ctx, without=frozenset({"http", "leader", "gauges", "config-listener"}))
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+
+            # the worker is up and refused (a replica): it reads, cannot write
+            async def refused() -> bool:
+                return worker.outage.since is not None
+
+            await wait_for(refused, timeout_s=30)
+            command(replica.port, "REPLICAOF", "NO", "ONE")
+            got = await ops.allocate("c1")  # on the old primary only: lost
+            assert got.fields["pod_id"] == "p1"
+
+            await send(new, ALLOCATE, {"request_id": "w1", "call_id": "c2"})
+            assert (await reply(new, "w1"))["status"] == "rejected"
+            assert await new.smembers(KEYS.pod_unwitnessed) == {"p1"}
+            await send(
+                new,
+                KEYS.pods_stream,
+                {"request_id": "w2", "event": "heartbeat", "pod_id": "p1", "calls": '["c1"]'},
+            )
+            assert (await reply(new, "w2"))["status"] == "alive"
+            assert await new.hexists(KEYS.calls, "c1")
+            await send(new, ALLOCATE, {"request_id": "w3", "call_id": "c3"})
+            assert (await reply(new, "w3"))["status"] == "rejected"  # busy with c1
+            assert await _events(new, "call_conflict") == []
+            worker.stop()
