@@ -83,7 +83,8 @@ async def test_a_new_replid_quarantines_every_pod_once(r: Redis) -> None:
     assert await check_epoch(state) == ("quarantined", 2)
     assert await r.smembers(KEYS.pod_unwitnessed) == {"p1", "p2"}
     assert await _pods_in_free_index(r) == set()
-    assert (await ops.allocate("c1")).status == "rejected"
+    waits = await ops.allocate("c1")  # for a heartbeat: no reply, still pending
+    assert (waits.status, await r.exists(KEYS.reply(f"r{ops.n}"))) == ("wait", 0)
     [ev] = await _events(r, "pods_quarantined")
     assert (ev["pods"], ev["previous_replid"]) == ("2", "0" * 40)
     # the compare-and-set: a second worker finds the replid stored
@@ -241,7 +242,7 @@ async def test_after_a_lagging_failover_no_pod_is_double_booked(
     assert await new.smembers(KEYS.pod_unwitnessed) == {"p1"}
 
     second = await ops.allocate("c2")
-    assert second.status == "rejected"  # p1 takes nothing until it witnesses
+    assert second.status == "wait"  # p1 takes nothing until it witnesses
     await ops.heartbeat("p1", calls=["c1"])
     assert await new.hexists(KEYS.calls, "c1")  # the lost call is known again
     assert await new.smembers(KEYS.pod_unwitnessed) == set()
@@ -296,14 +297,20 @@ async def test_a_worker_on_the_promoted_replica_quarantines_before_its_first_wri
             assert got.fields["pod_id"] == "p1"
 
             await send(new, ALLOCATE, {"request_id": "w1", "call_id": "c2"})
-            assert (await reply(new, "w1"))["status"] == "rejected"
-            assert await new.smembers(KEYS.pod_unwitnessed) == {"p1"}
+
+            async def quarantined() -> bool:
+                return await new.smembers(KEYS.pod_unwitnessed) == {"p1"}
+
+            await wait_for(quarantined, timeout_s=30)  # w1 waits for p1's heartbeat
+            await anyio.sleep(0.5)
+            assert not await new.exists(KEYS.reply("w1"))
             await send(
                 new,
                 KEYS.pods_stream,
                 {"request_id": "w2", "event": "heartbeat", "pod_id": "p1", "calls": '["c1"]'},
             )
             assert (await reply(new, "w2"))["status"] == "alive"
+            assert (await reply(new, "w1"))["status"] == "rejected"  # p1 serves c1
             assert await new.hexists(KEYS.calls, "c1")
             await send(new, ALLOCATE, {"request_id": "w3", "call_id": "c3"})
             assert (await reply(new, "w3"))["status"] == "rejected"  # busy with c1

@@ -15,6 +15,7 @@ so a worker killed at any point leaves nothing behind that others wait for.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any, Final
@@ -276,9 +277,12 @@ class Claimer:
             if d.deliveries <= limit:
                 metrics.redeliveries_total.labels(self.kinds.get(d.stream, d.stream)).inc()
         try:
-            await self.processor.process_until_written(
+            waiting = await self.processor.process_until_written(
                 batch, self.control, on_refused=self._uncount
             )
+            if waiting:  # they wait for a pod's heartbeat: claimed again later, not counted
+                with contextlib.suppress(*REDIS_DOWN, ResponseError):
+                    await self._uncount(waiting)
         except Exception:
             log.exception("processing %d claimed entries failed; they stay pending", len(batch))
             metrics.worker_errors_total.labels("claimer").inc()

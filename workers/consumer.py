@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 MAX_BLOCK_MS: Final = 25_000
 """Cap on XREADGROUP BLOCK: it must stay below the client's socket timeout (30 s)."""
+WAIT_RETRY_MS: Final = 200
+"""XREADGROUP BLOCK while allocations wait for a quarantined pod's heartbeat:
+how often they are tried again when no new entry arrives."""
 
 
 class Consumer:
@@ -53,6 +56,9 @@ class Consumer:
         self.control = LoopControl()
         self.streams = ctx.keys.all_input_streams
         self.batches = 0
+        self.waiting: list[Delivery] = []
+        """Allocations waiting for a quarantined pod's heartbeat (``allocate.lua``
+        answered ``wait``): run again after each batch, still pending meanwhile."""
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Join the group (retrying until Redis answers), report started, consume."""
@@ -61,7 +67,7 @@ class Consumer:
             task_status.started()
             while not self.control.stopping:
                 batch = await self._read()
-                if batch:
+                if batch or self.waiting:
                     await self._handle(batch)
         finally:
             self.control.done.set()
@@ -87,6 +93,8 @@ class Consumer:
     async def _read(self) -> list[Delivery]:
         streams = dict.fromkeys(self.streams, ">")
         block = min(self.ctx.settings.block_ms, MAX_BLOCK_MS)
+        if self.waiting:
+            block = min(block, WAIT_RETRY_MS)
         lost_group = False
         with self.control.waiting():
             try:
@@ -125,9 +133,14 @@ class Consumer:
         return []
 
     async def _handle(self, batch: list[Delivery]) -> None:
-        """Process a batch; what Redis refuses is retried here, in place, until written."""
+        """Process a batch; what Redis refuses is retried here, in place, until written.
+
+        The allocations still waiting for a quarantined pod's heartbeat go
+        after the new entries, so a heartbeat read now frees its pod first.
+        """
+        todo, self.waiting = [*batch, *self.waiting], []
         try:
-            await self.processor.process_until_written(batch, self.control)
+            self.waiting = await self.processor.process_until_written(todo, self.control)
         except Exception:
             log.exception("a batch of %d failed; it stays pending and will be claimed", len(batch))
             metrics.worker_errors_total.labels("consumer").inc()

@@ -255,7 +255,7 @@ class Processor:
         batch: Sequence[Delivery],
         control: LoopControl,
         on_refused: Callable[[Sequence[Delivery]], Any] | None = None,
-    ) -> None:
+    ) -> list[Delivery]:
         """Process ``batch``; retry what Redis refused, in place, until it is written.
 
         An entry Redis refused (OOM, READONLY, MISCONF, BUSY) or could not
@@ -266,8 +266,14 @@ class Processor:
         claimer, as before. Returns when nothing refused is left, or on stop
         (what is left stays pending). ``on_refused`` sees each refused part
         (the claimer restores the delivery counts its claim raised).
+
+        Returns the allocations that wait for a quarantined pod's heartbeat
+        (status ``wait``, see ``allocate.lua``): still pending, unanswered;
+        the consumer runs them again after its next batch, which may hold
+        that heartbeat (retrying here would hold it back).
         """
         todo = list(batch)
+        waiting: list[Delivery] = []
         delay = BACKOFF_FIRST_S
         epoch = self.ctx.epoch
         while todo:
@@ -288,17 +294,19 @@ class Processor:
                         raise
                     statuses = ["refused"] * len(todo)
                     self.refusals.refused(reason, len(todo))
+            waiting += (d for d, st in zip(todo, statuses, strict=True) if st == "wait")
             todo = [d for d, st in zip(todo, statuses, strict=True) if st == "refused"]
             if todo:
                 epoch.mark()  # a failover shows as refusals or a lost connection
             if not todo or control.stopping:
-                return
+                return waiting
             if on_refused is not None:
                 with control.batch(), contextlib.suppress(*REDIS_DOWN, ResponseError):
                     await on_refused(todo)
             with control.waiting():
                 await anyio.sleep(delay)
             delay = min(delay * 2, BACKOFF_CAP_S)
+        return waiting
 
     async def _run(
         self,
@@ -406,7 +414,7 @@ class Processor:
         kinds = self.kinds
         durations = self._durations
         for d, status, pool in zip(batch, statuses, pools, strict=True):
-            if status == "refused":
+            if status in ("refused", "wait"):  # counted once answered
                 continue
             kind = kinds.get(d.stream, d.stream)
             key = (kind, status, pool)

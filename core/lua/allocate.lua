@@ -8,7 +8,8 @@
 --   required capability, n widen pools, their names (pools outside the
 --   chain that tier_mode=flexible would add), n candidates, then the
 --   candidate pool names in the order to try.
--- Returns {status, reply fields...}: allocated | rejected | expired | dup | stale.
+-- Returns {status, reply fields...}: allocated | rejected | expired | dup | stale,
+-- or {'wait'} (no reply, not acknowledged: see below).
 --
 -- Invariants: a call_id holds at most one pod (a repeat answers the same pod
 -- with existing=1, in the same atomic step that would otherwise pick one);
@@ -104,6 +105,26 @@ for _, which in ipairs(passes) do
     if p and owns(p) then
       local pod = head(p[which], p)
       if pod then return place(p[which], p, pod) end
+    end
+  end
+end
+
+-- Nothing free, but a live pod of a candidate pool is quarantined since
+-- Redis changed its history (quarantine.lua): its next heartbeat, seconds
+-- away, restores its calls and may free it. The request waits for it rather
+-- than get a rejection that is false so soon: {'wait'}, no reply, not
+-- acknowledged; the worker runs it again after its next batch
+-- (workers/consumer.py) until it is placed, rejected or past its deadline.
+-- The set is empty but after a failover or restart: one SMEMBERS of a
+-- missing key per rejection.
+do
+  local quarantined = redis.call('SMEMBERS', K.unwit)
+  if #quarantined > 0 then
+    local cand = {}
+    for i = 1, ncand do cand[cands[i]] = true end
+    for _, pod in ipairs(quarantined) do
+      local p = P[redis.call('HGET', K.pool, pod) or '']
+      if p and cand[p.name] and owns(p) and pod_alive(pod) then return {'wait'} end
     end
   end
 end
