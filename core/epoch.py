@@ -26,13 +26,16 @@ from typing import Any, Literal
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from tierpool.core.scripts import run_one
 from tierpool.core.snapshot import ConfigSnapshot, retry_stale
 from tierpool.core.state import PoolState
 
 log = logging.getLogger(__name__)
+
+_noperm_said = False
+"""Whether the one warning about a user without ``INFO`` was logged."""
 
 Verdict = Literal["same", "adopted", "fresh", "quarantined", "unknown", "replica", "stale"]
 """``check_epoch``'s answer: the script's status, ``unknown`` when the server
@@ -51,6 +54,15 @@ async def server_replid(redis: Redis) -> str | Literal["unknown", "replica"]:
     """
     try:
         info: dict[str, Any] = await redis.info("replication")
+    except NoPermissionError:
+        global _noperm_said
+        if not _noperm_said:
+            _noperm_said = True
+            log.warning(
+                "Redis refuses INFO to this user: a failover to a replica that lost the last "
+                "writes cannot be noticed (grant +info; `tierpool acl` does)"
+            )
+        return "unknown"
     except ResponseError:
         return "unknown"
     role = info.get("role")

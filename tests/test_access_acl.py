@@ -324,3 +324,17 @@ async def test_requirepass_password_in_redis_url(tmp_path: Path) -> None:
             await admin.aclose()
     finally:
         server.close()
+
+
+async def test_the_worker_role_may_read_the_replication_id(
+    acl_server: RedisProcess, admin: Redis
+) -> None:
+    """``INFO`` is flagged dangerous; a worker needs it to notice a failover
+    to a replica that lost writes (core/epoch.py), so its role grants it."""
+    from tierpool.core.epoch import server_replid
+
+    client = connect(url_of(acl_server, "tierpool-worker"))
+    try:
+        assert await server_replid(client) == (await admin.info("replication"))["master_replid"]
+    finally:
+        await client.aclose()

@@ -19,6 +19,8 @@ to the request streams.
 - ``tierpool-worker``: every command but admin and dangerous ones, on the
   namespace's keys and channels, and read access to smart-router's
   ``voice:tier:config`` (adopted once, when a namespace has no config);
+  ``INFO`` too (dangerous by Redis's flags: it shows server details, no
+  data), for the replication id that tells a failover (``core/epoch.py``);
 - ``tierpool-producer``: XADD to ``req:allocate`` and ``req:release``;
   XREAD and DEL on ``reply:*``;
 - ``tierpool-pod``: XADD to ``pods`` and ``req:drain`` (the pod agent
@@ -84,6 +86,7 @@ def acl_rules(namespaces: Sequence[str]) -> dict[str, list[str]]:
             "+@all",
             "-@admin",
             "-@dangerous",
+            "+info",
             *(f"~{k.prefix}*" for k in keys),
             *(f"&{k.prefix}*" for k in keys),
             f"%R~{ANCHOR_CONFIG_KEY}",
