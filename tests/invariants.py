@@ -120,6 +120,9 @@ async def violations(
         tier = config.get(pool) if pool else None
         if not config_changed and tier is not None and s["loads"].get(pod, 0) > tier.max_concurrent:
             out.append(f"pod {pod} in {pool}: load {s['loads'][pod]} > max {tier.max_concurrent}")
+    # only registered pods are quarantined (a pod that leaves takes its mark)
+    if s["unwitnessed"] - set(s["pools"]):
+        out.append(f"unregistered pods marked unwitnessed: {s['unwitnessed'] - set(s['pools'])}")
     # pool counts equal the pods assigned
     counted: dict[str, int] = {}
     for pool in s["pools"].values():

@@ -316,3 +316,23 @@ async def test_a_worker_on_the_promoted_replica_quarantines_before_its_first_wri
             assert (await reply(new, "w3"))["status"] == "rejected"  # busy with c1
             assert await _events(new, "call_conflict") == []
             worker.stop()
+
+
+async def test_the_leader_tick_notices_a_failover_no_worker_saw(r: Redis, redis_url: str) -> None:
+    """An idle worker may never see an error across a failover; the leader's
+    periodic check (every EPOCH_INTERVAL_S) quarantines all the same."""
+    from tierpool.workers.leader import epoch_once
+
+    ctx = WorkerContext.create(Settings(redis_url=redis_url, namespace=KEYS.namespace))
+    try:
+        state = await make_state(r, CONFIG)
+        ctx.state.source = state.source
+        await Ops(state).register("p1")
+        await epoch_once(ctx)
+        assert ctx.epoch.last == "adopted"
+        await r.set(KEYS.replid, "x")  # the history the pods were written under
+        await epoch_once(ctx)
+        assert ctx.epoch.last == "quarantined"
+        assert await r.smembers(KEYS.pod_unwitnessed) == {"p1"}
+    finally:
+        await ctx.redis.aclose()
