@@ -19,6 +19,7 @@ COPY client client
 COPY bench bench
 COPY gateway gateway
 COPY kube kube
+COPY connect connect
 # The kubernetes extra: the same image runs with POD_SOURCE=kubernetes.
 RUN pip install '.[kubernetes]' && useradd --system --no-create-home tierpool
 

@@ -30,8 +30,8 @@ import anyio
 import redis as syncredis
 
 from tierpool.bench.common import bench_settings, setup_namespace
+from tierpool.connect.redisconn import connect
 from tierpool.core.keys import GROUP
-from tierpool.core.redisconn import connect
 from tierpool.schemas import AllocateRequest, ReleaseRequest, encode
 from tierpool.workers.context import WorkerContext
 from tierpool.workers.processor import Processor

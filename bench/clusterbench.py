@@ -32,8 +32,8 @@ import anyio
 
 from tierpool.bench import e2e, raw
 from tierpool.bench.common import BENCH_ENV, bench_settings, setup_namespace
+from tierpool.connect.redisconn import connect
 from tierpool.core.keys import Keys
-from tierpool.core.redisconn import connect
 from tierpool.workers.redisfarm import ClusterSetup
 from tierpool.workers.redisproc import free_port
 
@@ -193,7 +193,7 @@ class _MasterCpu:
 
 
 def _slot(name: str) -> int:
-    from tierpool.core.clusterslot import namespace_slot
+    from tierpool.connect.clusterslot import namespace_slot
 
     return namespace_slot(name)
 

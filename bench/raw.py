@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import anyio
 
 from tierpool.bench.common import bench_settings, make_state
-from tierpool.core.redisconn import connect
+from tierpool.connect.redisconn import connect
 from tierpool.core.state import PoolState
 from tierpool.schemas import AllocateRequest, ReleaseRequest
 

@@ -58,7 +58,7 @@ from tierpool.bench.common import (
     setup_namespace,
 )
 from tierpool.bench.meters import CpuMeter, Sampler, _proc_cpu_s
-from tierpool.core.redisconn import connect
+from tierpool.connect.redisconn import connect
 
 DEFAULT_PARTS = ("raw", "e2e", "latency", "propagation", "memory", "failover", "gateway")
 PARTS = (*DEFAULT_PARTS, "client")

@@ -21,10 +21,11 @@ import msgspec
 from redis.asyncio import Redis
 
 from tierpool.client.mux import Mux, MuxStats
+from tierpool.connect.redisconn import connect
 from tierpool.core.clock import now_ms
 from tierpool.core.errors import ClientClosed, InvalidMessage, ReplyMismatch, RequestNotSent
 from tierpool.core.keys import Keys
-from tierpool.core.redisconn import RedisTarget, connect
+from tierpool.core.redistarget import RedisTarget
 from tierpool.schemas import (
     AllocateRequest,
     ConfigRequest,
@@ -127,7 +128,7 @@ class TierpoolClient:
     ) -> TierpoolClient:
         """A client with its own Redis settings from ``url``; leaving ``async with`` closes them.
 
-        ``url`` may be a :class:`~tierpool.core.redisconn.RedisTarget`
+        ``url`` may be a :class:`~tierpool.connect.redisconn.RedisTarget`
         (``Settings.from_env().redis_target``) to reach Redis through Sentinels.
         """
         redis = connect(url, client_name="tierpool-client", namespace=namespace)

@@ -54,8 +54,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tierpool.connect.clusterslot import is_redirect
+from tierpool.connect.redisconn import server_name
 from tierpool.core.clock import now_ms, redis_time_ms
-from tierpool.core.clusterslot import is_redirect
 from tierpool.core.errors import (
     ClientClosed,
     InvalidMessage,
@@ -65,7 +66,6 @@ from tierpool.core.errors import (
     RequestTimeout,
 )
 from tierpool.core.logutil import LogLimit
-from tierpool.core.redisconn import server_name
 from tierpool.schemas import Reply, decode_reply
 
 log = logging.getLogger(__name__)

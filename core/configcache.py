@@ -50,7 +50,7 @@ from redis.exceptions import RedisError, WatchError
 
 from tierpool.core.errors import TierConfigError
 from tierpool.core.keys import ANCHOR_CONFIG_KEY, Keys
-from tierpool.core.redisconn import is_cluster
+from tierpool.core.redistarget import on_cluster
 from tierpool.core.settings import Settings
 from tierpool.core.snapshot import ConfigSnapshot, read_snapshot
 from tierpool.core.tierconfig import TierConfig, read_anchor_tier_config, to_json
@@ -283,7 +283,7 @@ class ConfigCache:
         Read with the anchor's leniency, each difference logged; a value that
         cannot be read even so is logged and ``TIER_CONFIG`` is used.
         """
-        if await is_cluster(self.redis):
+        if await on_cluster(self.redis):
             # smart-router never ran on a cluster, and its key is in another slot
             # (on another master): a namespace's client only reaches its own slot.
             return self._env, "TIER_CONFIG"
@@ -415,7 +415,7 @@ class ConfigCache:
         """A fresh pub/sub connection, subscribed (confirmation received)."""
         pubsub: PubSub = self.redis.pubsub()
         try:
-            if await is_cluster(self.redis):
+            if await on_cluster(self.redis):
                 await pubsub.ssubscribe(self.keys.config_changed)
             else:
                 await pubsub.subscribe(self.keys.config_changed)

@@ -32,7 +32,7 @@ from tierpool.core.durations import format_duration, parse_duration_ns
 from tierpool.core.errors import SettingsError, TierConfigError
 from tierpool.core.keys import valid_namespace
 from tierpool.core.masking import mask_url as mask_url  # re-exported for older imports
-from tierpool.core.redisconn import RedisTarget
+from tierpool.core.redistarget import RedisTarget
 from tierpool.core.tierconfig import TierConfig, read_anchor_tier_config
 
 LogLevel = Literal["debug", "info", "warning", "error"]

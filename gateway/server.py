@@ -27,7 +27,7 @@ from anyio.abc import TaskStatus
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tierpool.client.client import TierpoolClient
-from tierpool.core.redisconn import connect
+from tierpool.connect.redisconn import connect
 from tierpool.core.settings import Settings, mask_url, unknown_tierpool_variables
 from tierpool.gateway.app import Gateway
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tierpool.core.redisconn import connect
+from tierpool.connect.redisconn import connect
 from tierpool.workers.redisproc import RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,8 +29,8 @@ from tests.procs import WorkerPool
 from tests.test_access_secrets import leaks
 from tierpool.client.client import TierpoolClient
 from tierpool.client.podagent import PodAgent
+from tierpool.connect.redisconn import connect
 from tierpool.core.keys import Keys
-from tierpool.core.redisconn import connect
 from tierpool.workers.ops.acl import ROLES, acl_lines
 from tierpool.workers.redisproc import RedisProcess
 

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from tests.invariants import violations
 from tests.statekit import KEYS, Ops, RedisSource, make_state
-from tierpool.core.redisconn import connect
+from tierpool.connect.redisconn import connect
 from tierpool.core.state import PoolState
 from tierpool.schemas import AllocateRequest, ConfigRequest
 

@@ -22,9 +22,9 @@ from redis.exceptions import ResponseError
 from tests.conftest import wait_for
 from tests.statekit import KEYS, make_state
 from tierpool.client.client import ClientClosed, TierpoolClient
+from tierpool.connect.redisconn import connect
 from tierpool.core.errors import InvalidMessage, RequestTimeout
 from tierpool.core.keys import GROUP, Keys
-from tierpool.core.redisconn import connect
 from tierpool.core.scripts import run_calls
 from tierpool.core.state import Entry, PoolState
 from tierpool.schemas import (

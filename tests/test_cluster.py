@@ -31,11 +31,12 @@ from tests.invariants import violations
 from tests.procs import WorkerPool
 from tierpool.client.client import TierpoolClient
 from tierpool.client.podagent import PodAgent
+from tierpool.connect.clusterslot import namespace_slot
+from tierpool.connect.redisconn import connect, is_cluster
 from tierpool.core.clock import monotonic_s
-from tierpool.core.clusterslot import namespace_slot
 from tierpool.core.errors import RedisUnavailable, RequestTimeout
 from tierpool.core.keys import Keys
-from tierpool.core.redisconn import RedisTarget, connect, is_cluster
+from tierpool.core.redistarget import RedisTarget
 from tierpool.core.settings import Settings
 from tierpool.core.tierconfig import parse_tier_config
 from tierpool.schemas import PodDeregister, PodHeartbeat, PodRegister

@@ -12,10 +12,10 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import wait_for
+from tierpool.connect.redisconn import connect
 from tierpool.core.configcache import ConfigCache
 from tierpool.core.errors import InvalidMessage, TierConfigError
 from tierpool.core.keys import Keys
-from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.core.snapshot import ConfigSnapshot
 from tierpool.core.state import PoolState

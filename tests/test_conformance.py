@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 from tests.conftest import wait_for
 from tests.procs import WorkerPool
 from tierpool.client import TierpoolClient
+from tierpool.connect.redisconn import connect
 from tierpool.core.keys import Keys
-from tierpool.core.redisconn import connect
 from tierpool.schemas import MerchantPolicy, PodDeregister, PodHeartbeat, PodRegister
 from tierpool.workers.fakeserver import FakeRedisServer
 

@@ -49,8 +49,8 @@ def imports(path: Path) -> set[str]:
 @pytest.mark.parametrize(
     ("layer", "forbidden"),
     [
-        ("schemas", ("core", "workers", "client", "gateway", "kube", "bench")),
-        ("core", ("workers", "client", "gateway", "kube", "bench")),
+        ("schemas", ("core", "workers", "client", "gateway", "kube", "connect", "bench")),
+        ("core", ("workers", "client", "gateway", "kube", "connect", "bench")),
         ("client", ("workers", "gateway", "kube", "bench")),
     ],
 )

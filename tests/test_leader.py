@@ -23,10 +23,10 @@ from redis.exceptions import ResponseError
 from tests.conftest import wait_for
 from tests.statekit import KEYS, Ops, make_state
 from tests.test_reconcile import T0, dump
+from tierpool.connect.redisconn import connect
 from tierpool.core.configcache import ConfigCache
 from tierpool.core.leader import Election, Leadership, parse_token
 from tierpool.core.reconcile import publish_gauges, reap, reconcile
-from tierpool.core.redisconn import connect
 from tierpool.core.scripts import script
 from tierpool.core.settings import Settings
 from tierpool.core.state import PoolState

@@ -20,8 +20,8 @@ from redis.asyncio import Redis
 from tests.conftest import wait_for
 from tests.procs import WorkerPool
 from tierpool.client.client import TierpoolClient
+from tierpool.connect.redisconn import connect
 from tierpool.core.keys import Keys
-from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.core.tierconfig import parse_tier_config
 from tierpool.schemas import PodRegister

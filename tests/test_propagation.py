@@ -37,9 +37,9 @@ from redis.asyncio import Redis
 
 from tests.conftest import wait_for
 from tests.procs import WorkerPool, WorkerProc, reply, send
+from tierpool.connect.redisconn import connect
 from tierpool.core.configcache import ConfigCache
 from tierpool.core.keys import Keys
-from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.core.state import PoolState
 from tierpool.schemas import ConfigRequest

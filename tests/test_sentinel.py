@@ -27,9 +27,10 @@ from tests.invariants import violations
 from tests.procs import KEYS, NAMESPACE, WorkerPool
 from tierpool.client.client import TierpoolClient
 from tierpool.client.podagent import PodAgent
+from tierpool.connect.redisconn import connect
 from tierpool.core.clock import monotonic_s
 from tierpool.core.errors import RedisUnavailable, RequestTimeout
-from tierpool.core.redisconn import RedisTarget, connect
+from tierpool.core.redistarget import RedisTarget
 from tierpool.core.settings import Settings
 from tierpool.core.tierconfig import parse_tier_config
 from tierpool.workers.redisfarm import MASTER_NAME, SentinelSetup

@@ -41,9 +41,9 @@ from hypothesis.stateful import (
 
 from tests.invariants import violations
 from tests.statekit import KEYS, RedisSource, write_config
+from tierpool.connect.redisconn import connect
 from tierpool.core.leader import Election
 from tierpool.core.reconcile import reap, reconcile
-from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.core.state import PoolState
 from tierpool.schemas import (

@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tests.procs import KEYS, NAMESPACE, WorkerPool
 from tierpool.client.client import TierpoolClient
 from tierpool.client.podagent import PodAgent
-from tierpool.core.redisconn import connect
+from tierpool.connect.redisconn import connect
 from tierpool.workers.redisproc import RedisProcess, free_port
 
 pytestmark = [pytest.mark.anyio]

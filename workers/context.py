@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
+from tierpool.connect.redisconn import connect
 from tierpool.core.configcache import ConfigCache
 from tierpool.core.epoch import Epoch
 from tierpool.core.errors import SettingsError
 from tierpool.core.keys import Keys
 from tierpool.core.podsource import PodSource
-from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.core.state import PoolState
 from tierpool.workers import metrics

@@ -47,11 +47,11 @@ from anyio.abc import Process, TaskGroup
 from redis.exceptions import RedisError
 
 from tierpool.client.client import TierpoolClient
+from tierpool.connect.redisconn import connect
 from tierpool.core.clock import monotonic_s
 from tierpool.core.errors import RequestTimeout, SettingsError, TierpoolError
 from tierpool.core.keys import Keys
 from tierpool.core.masking import mask_url
-from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.workers import http
 from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE

@@ -9,7 +9,7 @@ it exactly as they would to Redis; only the server is a stand-in.
 It is for trying out, never for production: it keeps everything in this
 process's memory, serves each client from a thread of this process, wakes
 blocked readers by polling, and lacks commands tierpool can do without
-(``INFO``, a working ``CLIENT UNBLOCK``). :func:`tierpool.core.redisconn.server_kind`
+(``INFO``, a working ``CLIENT UNBLOCK``). :func:`tierpool.connect.redisconn.server_kind`
 lets the client library notice it and adapt (see ``client/mux.py``). The
 differences the conformance test found are listed in the README.
 """

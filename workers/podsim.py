@@ -29,9 +29,9 @@ from redis.asyncio import Redis
 from tierpool.client.client import TierpoolClient
 from tierpool.client.mux import backoff_s
 from tierpool.client.podagent import PodAgent
+from tierpool.connect.redisconn import connect
 from tierpool.core.errors import RequestTimeout, SettingsError, TierpoolError
 from tierpool.core.keys import Keys
-from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.workers.cli import EXIT_OK, EXIT_USAGE
 

@@ -374,7 +374,7 @@ class ClusterSetup:
 
     def spread_namespaces(self, count: int, prefix: str = "ns") -> list[str]:
         """``count`` namespace names (``ns0``...) whose slots ``count`` different masters serve."""
-        from tierpool.core.clusterslot import namespace_slot
+        from tierpool.connect.clusterslot import namespace_slot
 
         masters = self.slot_masters()
 

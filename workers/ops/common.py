@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tierpool.connect.redisconn import connect
 from tierpool.core.errors import (
     InvalidMessage,
     RedisUnavailable,
@@ -33,7 +34,6 @@ from tierpool.core.errors import (
 )
 from tierpool.core.keys import Keys, valid_namespace
 from tierpool.core.masking import mask_text, mask_url
-from tierpool.core.redisconn import connect
 from tierpool.core.settings import Settings
 from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_REDIS, EXIT_TIMEOUT, EXIT_USAGE
 

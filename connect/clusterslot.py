@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Coroutine
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import anyio
 from redis.asyncio.connection import AbstractConnection
@@ -52,9 +52,10 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tierpool.core.redistarget import ClusterMode
+
 log = logging.getLogger(__name__)
 
-ClusterMode = Literal["auto", "yes", "no"]
 PROBE_TIMEOUT_S: Final = 1.0
 REDIRECTS: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 

@@ -31,8 +31,6 @@ as for a restart, and back off.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -52,38 +50,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tierpool.core.clusterslot import ClusterMode, SlotOwner, namespace_slot, slot_pinned
+from tierpool.connect.clusterslot import SlotOwner, namespace_slot, slot_pinned
+from tierpool.core.redistarget import RedisTarget, on_cluster
 
 SOCKET_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 RETRIES = 3
 SENTINEL_TIMEOUT_S = 1.0
 """Per Sentinel query: a dead Sentinel must not hold up asking the next one."""
-
-
-@dataclass(frozen=True, slots=True)
-class RedisTarget:
-    """Where a process finds Redis: ``url``, and the Sentinels to ask for its master.
-
-    With ``sentinels`` (``host:port`` strings), ``url`` still supplies the
-    scheme (``rediss`` for TLS), user, password, database and TLS query
-    options (``ssl_ca_certs``...), but not the host: the Sentinels name the
-    master. The Sentinels are reached with the URL's TLS options and without
-    its credentials.
-    """
-
-    url: str
-    sentinels: Sequence[str] = ()
-    sentinel_master: str = "mymaster"
-    cluster: ClusterMode = "auto"
-    """Redis Cluster: ``auto`` asks the server (``HELLO``), ``yes``/``no`` force it."""
-
-    def sentinel_addresses(self) -> list[tuple[str, int]]:
-        out = []
-        for item in self.sentinels:
-            host, _, port = item.strip().rpartition(":")
-            out.append((host.strip("[]"), int(port)))
-        return out
 
 
 class _HiredisPacking(AbstractConnection):
@@ -307,7 +281,5 @@ def _pin_to_slot(pool: ConnectionPool, target: RedisTarget, namespace: str | Non
     pool.connection_kwargs["slot_owner"] = owner
 
 
-async def is_cluster(redis: Redis) -> bool:
-    """Whether ``redis`` (made by :func:`connect`) talks to a Redis Cluster."""
-    owner = redis.connection_pool.connection_kwargs.get("slot_owner")
-    return isinstance(owner, SlotOwner) and await owner.is_cluster()
+is_cluster = on_cluster
+"""Whether ``redis`` (made by :func:`connect`) talks to a Redis Cluster."""
