@@ -207,9 +207,24 @@ async def test_no_password_in_any_log_reply_event_or_dead_letter(
         KEYS.request_stream("release"),
         {"request_id": "rel-1", "call_id": f"wss://{PASSWORD}@10.0.0.7/"},
     )
+    # Dead-lettered by a script, not by Python: a reused request_id (its reply
+    # still unread) copies the entry's fields, which must be masked too.
+    await r.xadd(KEYS.reply("in-use"), {"request_id": "in-use", "status": "released"})
+    await send(
+        r,
+        KEYS.request_stream("release"),
+        {"request_id": "in-use", "call_id": "c1", "note": f"redis://ops:{PASSWORD}@h:1/0"},
+    )
     for rid in ("reg-1", "rel-1"):
         got = await reply(r, rid)
         assert got["status"] == "invalid", got
+
+    async def three_dead() -> bool:
+        return len(await r.xrange(KEYS.dead)) == 3
+
+    await wait_for(three_dead)
+    in_use = [f for _, f in await r.xrange(KEYS.dead) if f["request_id"] == "in-use"]
+    assert msgspec.json.decode(in_use[0]["fields"])["note"] == "redis://ops:***@h:1/0"
     assert "http://agent:***@10.0.0.7:8080/ws" in (await reply(r, "reg-1"))["error"]
 
     async def tried() -> bool:
@@ -217,7 +232,7 @@ async def test_no_password_in_any_log_reply_event_or_dead_letter(
 
     await wait_for(tried, timeout_s=20)
     texts = await written_by_tierpool(r)
-    assert len(await r.xrange(KEYS.dead)) == 2
+    assert len(await r.xrange(KEYS.dead)) == 3
     logged = worker.log_text().splitlines()
     assert any("dead-lettered" in line for line in logged)
     assert leaks(texts) == []

@@ -200,6 +200,17 @@ end
 -- never overwrites a reply). ``payload``: the
 -- entry's fields as JSON when the caller has them (reject.lua: masked, and
 -- cut when oversized); nil reads them back from the stream.
+-- URL userinfo masked as core/masking.py masks it (user kept, password ***;
+-- a user name alone ***): dead letters written here copy a producer's fields
+-- verbatim, and a URL with credentials must not be kept in them.
+local function mask_userinfo(text)
+  return (string.gsub(text, "(%a[%w%+%.%-]*://)([^%s/?#@'\"<>\\`]*)@", function(scheme, ui)
+    local user = string.match(ui, '^([^:]*):')
+    if user then return scheme .. user .. ':***@' end
+    return scheme .. '***@'
+  end))
+end
+
 local function dead_letter(err, deliveries, payload)
   if payload == nil then
     local fields = {}
@@ -207,7 +218,7 @@ local function dead_letter(err, deliveries, payload)
       local e = redis.call('XRANGE', K.stream, H.entry, H.entry)
       if #e > 0 then
         local kv = e[1][2]
-        for i = 1, #kv, 2 do fields[kv[i]] = kv[i + 1] end
+        for i = 1, #kv, 2 do fields[mask_userinfo(kv[i])] = mask_userinfo(kv[i + 1]) end
       end
     end
     payload = cjson.encode(fields)
