@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from tierpool.client.client import TierpoolClient
 from tierpool.connect.redisconn import connect
 from tierpool.core.settings import Settings, mask_url, unknown_tierpool_variables
+from tierpool.core.signals import stop_on_signals
 from tierpool.gateway.app import Gateway
 
 log = logging.getLogger(__name__)
@@ -208,16 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 async def _watch_signals(server: GatewayServer) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        count = 0
-        async for signum in signals:
-            count += 1
-            if count == 1:
-                log.info("%s received: draining requests in flight", signal.Signals(signum).name)
-                server.stop()
-            else:
-                log.warning("%s received again: stopping now", signal.Signals(signum).name)
-                server.kill()
+    await stop_on_signals(server, log, "draining requests in flight")
 
 
 class RedisAway(Exception):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
@@ -34,6 +33,7 @@ from tierpool.core.clock import now_ms
 from tierpool.core.errors import SettingsError, find_in_group, write_refusal
 from tierpool.core.keys import GROUP
 from tierpool.core.settings import Settings, unknown_tierpool_variables
+from tierpool.core.signals import stop_on_signals
 from tierpool.workers import gauges, http, leader, metrics, multins
 from tierpool.workers.claimer import Claimer, remove_consumers
 from tierpool.workers.consumer import Consumer
@@ -244,16 +244,7 @@ def _bind_log_fields(ctx: WorkerContext) -> None:
 
 
 async def _watch_signals(worker: Worker) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        count = 0
-        async for signum in signals:
-            count += 1
-            if count == 1:
-                log.info("%s received: stopping", signal.Signals(signum).name)
-                worker.stop()
-            else:
-                log.warning("%s received again: stopping now", signal.Signals(signum).name)
-                worker.kill()
+    await stop_on_signals(worker, log, "stopping")
 
 
 async def serve(settings: Settings, without: frozenset[str] = frozenset()) -> None:
