@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tierpool.connect.redisconn import connect
+from tierpool.workers.fakeserver import FakeRedisServer
 from tierpool.workers.redisproc import RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,3 +115,32 @@ def env_clean(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         }:
             monkeypatch.delenv(name, raising=False)
     return monkeypatch
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeRedisServer]:
+    """One fakeredis TCP server (``tierpool run``'s fallback) for the session."""
+    server = FakeRedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=["redis", "fakeredis"])
+def backend_url(request: pytest.FixtureRequest, env_clean: pytest.MonkeyPatch) -> Iterator[str]:
+    """A clean database on each backend in turn: real Redis, then fakeredis.
+
+    For the conformance tests: the flows a first user meets on ``tierpool run``
+    must behave the same on both."""
+    if request.param == "redis":
+        url: str = request.getfixturevalue("redis_url")
+    else:
+        fake: FakeRedisServer = request.getfixturevalue("fake_server")
+        import redis as syncredis
+
+        with syncredis.Redis.from_url(fake.url) as r:
+            r.flushall()
+        url = fake.url
+    yield url

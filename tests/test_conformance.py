@@ -11,7 +11,7 @@ that remain are listed in the README ("Trying it out without Redis").
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -24,37 +24,11 @@ from tierpool.client import TierpoolClient
 from tierpool.connect.redisconn import connect
 from tierpool.core.keys import Keys
 from tierpool.schemas import MerchantPolicy, PodDeregister, PodHeartbeat, PodRegister
-from tierpool.workers.fakeserver import FakeRedisServer
 
 pytestmark = pytest.mark.anyio
 
 NS = "t"
 KEYS = Keys(NS)
-
-
-@pytest.fixture(scope="module")
-def fake_server() -> Iterator[FakeRedisServer]:
-    server = FakeRedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(params=["redis", "fakeredis"])
-def backend_url(request: pytest.FixtureRequest, env_clean: pytest.MonkeyPatch) -> Iterator[str]:
-    """A clean database on each backend in turn."""
-    if request.param == "redis":
-        url: str = request.getfixturevalue("redis_url")
-    else:
-        fake: FakeRedisServer = request.getfixturevalue("fake_server")
-        import redis as syncredis
-
-        with syncredis.Redis.from_url(fake.url) as r:
-            r.flushall()
-        url = fake.url
-    yield url
 
 
 @pytest.fixture
