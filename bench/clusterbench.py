@@ -35,7 +35,7 @@ from tierpool.bench.common import BENCH_ENV, bench_settings, setup_namespace
 from tierpool.connect.redisconn import connect
 from tierpool.core.keys import Keys
 from tierpool.workers.redisfarm import ClusterSetup
-from tierpool.workers.redisproc import free_port
+from tierpool.workers.redisproc import free_port_range
 
 READY_TIMEOUT_S = 60.0
 
@@ -234,7 +234,7 @@ def _start_worker(url: str, names: list[str]) -> tuple[subprocess.Popen[bytes], 
     env.update(
         REDIS_URL=url,
         TIERPOOL_NAMESPACE=",".join(names),
-        METRICS_PORT=str(_port_range(len(names))),
+        METRICS_PORT=str(free_port_range(len(names))),
         LOG_LEVEL="warning",
     )
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tierpool-bench-cluster-{os.getpid()}.log"
@@ -261,20 +261,3 @@ async def _wait_workers(
                     await anyio.sleep(0.05)
             finally:
                 await redis.aclose()
-
-
-def _port_range(n: int) -> int:
-    import socket
-
-    for _ in range(100):
-        base = free_port()
-        if base + n > 65_535:
-            continue
-        try:
-            for port in range(base + 1, base + n):
-                with socket.socket() as s:
-                    s.bind(("0.0.0.0", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range for the workers' metrics")

@@ -9,11 +9,11 @@ text; each place that writes text a person or another service will read
 (the log formatters, the dead-letter/``invalid`` reply call, the upstream
 fetch's error) goes through :func:`mask_text`, so no path can forget a case.
 
-What is kept: the scheme, the user name (it says which ACL user is meant,
-and is not a secret), host, port, path and the values of query keys known
-to be harmless (``db``, ``protocol``...). What is masked as ``***``: the
-password, a user name given alone (often a misplaced password), every
-other query value, any fragment.
+What is kept: the scheme, host, port, path and the values of query keys
+known to be harmless (``db``, ``protocol``...). What is masked as ``***``:
+the whole userinfo (user name and password: a user name given alone is often
+a misplaced password, and ``user:`` prefixes tell an attacker which ACL user
+to aim at), every other query value, any fragment.
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ _URL_IN_TEXT: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>\\`]+")
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password and any query value that may be a secret replaced by ``***``.
+    """``url`` with its userinfo and any query value that may be a secret replaced by ``***``.
 
-    A user name alone is masked too: ``redis://secret@host`` is a common
-    mistake for ``redis://:secret@host``. Query values are kept only for keys
-    known to be harmless (``db``, ``protocol``...), so an unfamiliar key such
-    as ``token`` or ``X-Amz-Signature`` is never printed; a fragment is masked.
+    The whole userinfo goes: ``redis://user:pw@host`` shows as ``redis://***@host``
+    (a user name alone is often a misplaced password: ``redis://secret@host``).
+    Query values are kept only for keys known to be harmless (``db``,
+    ``protocol``...), so an unfamiliar key such as ``token`` or
+    ``X-Amz-Signature`` is never printed; a fragment is masked.
     """
     try:
         parts = urlsplit(url)
@@ -59,9 +60,8 @@ def mask_url(url: str) -> str:
         return MASK
     netloc = parts.netloc
     if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:{MASK}@{hostport}" if colon else f"{MASK}@{hostport}"
+        _userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{MASK}@{hostport}"
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)

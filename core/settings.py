@@ -639,7 +639,7 @@ class Settings:
     def describe(self) -> dict[str, str]:
         """Every setting by environment variable name, as text for the CLI and logs.
 
-        Passwords in URLs are masked (``redis://user:***@host:6379``).
+        Passwords in URLs are masked (``redis://***@host:6379``).
         """
         return {_var(f.name).env: _var(f.name).show(getattr(self, f.name)) for f in fields(self)}
 

@@ -180,7 +180,7 @@ _USERINFO = re.compile(r"://([^\s/?#@'\"\\]*)@")
 
 
 def unmasked_userinfo(texts: Iterable[str]) -> list[str]:
-    """The texts that show a URL's userinfo unmasked (anything but ``***`` or ``user:***``).
+    """The texts that show a URL's userinfo unmasked (anything but ``***``).
 
     Every worker log of the suite is checked with it when its pool closes
     (issue 13: no log line shows a password).
@@ -189,7 +189,7 @@ def unmasked_userinfo(texts: Iterable[str]) -> list[str]:
     for text in texts:
         for m in _USERINFO.finditer(text):
             userinfo = m.group(1)
-            if userinfo != "***" and not userinfo.endswith(":***"):
+            if userinfo != "***":
                 out.append(text)
                 break
     return out

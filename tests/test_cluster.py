@@ -41,7 +41,7 @@ from tierpool.core.settings import Settings
 from tierpool.core.tierconfig import parse_tier_config
 from tierpool.schemas import PodDeregister, PodHeartbeat, PodRegister
 from tierpool.workers.redisfarm import ClusterSetup
-from tierpool.workers.redisproc import free_port
+from tierpool.workers.redisproc import free_port_range
 
 pytestmark = [pytest.mark.anyio]
 
@@ -171,7 +171,7 @@ async def test_acceptance_flows_in_three_namespaces_on_three_masters(
     env.update(
         REDIS_URL=cluster3.url,
         TIERPOOL_NAMESPACE=",".join(names),
-        METRICS_PORT=str(_free_ports(len(names))),
+        METRICS_PORT=str(free_port_range(len(names))),
         PYTHONUNBUFFERED="1",
     )
     proc = _start_worker(env, tmp_path / "worker.log")
@@ -227,24 +227,6 @@ def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-
-
-def _free_ports(n: int) -> int:
-    """A port such that it and the ``n - 1`` after it are free: one per child worker."""
-    import socket
-
-    for _ in range(100):
-        base = free_port()
-        if base + n > 65_535:
-            continue
-        try:
-            for port in range(base + 1, base + n):
-                with socket.socket() as s:
-                    s.bind(("0.0.0.0", port))
-        except OSError:
-            continue
-        return base
-    raise AssertionError("no free port range")
 
 
 async def _has_worker(r: Redis, keys: Keys) -> bool:

@@ -389,7 +389,7 @@ def test_describe_never_prints_secrets() -> None:
     )
     shown = s.describe()
     assert "hunter2" not in repr(shown)
-    assert shown["REDIS_URL"] == "redis://default:***@redis:6379/0?password=***&db=1"
+    assert shown["REDIS_URL"] == "redis://***@redis:6379/0?password=***&db=1"
     assert shown["TIER_CONFIG_URL"] == "https://cfg.example.com/t?api_key=***&sig=***"
     assert s.redis_url.count("hunter2") == 2  # the value itself is intact
 
@@ -398,12 +398,12 @@ def test_describe_never_prints_secrets() -> None:
     ("url", "shown"),
     [
         ("redis://localhost:6379", "redis://localhost:6379"),
-        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
-        ("redis://user:pw@h", "redis://user:***@h"),
+        ("redis://:pw@h:1/0", "redis://***@h:1/0"),
+        ("redis://user:pw@h", "redis://***@h"),
         ("redis://pw@h", "redis://***@h"),  # a lone user info is often a misplaced password
-        ("rediss://u:p@ss@h", "rediss://u:***@h"),
+        ("rediss://u:p@ss@h", "rediss://***@h"),
         ("unix:///tmp/redis.sock", "unix:///tmp/redis.sock"),
-        ("unix://:pw@/tmp/redis.sock?db=2", "unix://:***@/tmp/redis.sock?db=2"),
+        ("unix://:pw@/tmp/redis.sock?db=2", "unix://***@/tmp/redis.sock?db=2"),
         ("https://h/p?db=2&token=t#frag", "https://h/p?db=2&token=***#***"),
     ],
 )

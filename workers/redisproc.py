@@ -38,6 +38,26 @@ def free_port() -> int:
             return port
 
 
+def free_port_range(n: int) -> int:
+    """A port such that it and the ``n - 1`` after it are free (never 6379).
+
+    For commands that give ``n`` children consecutive ports from one base, as
+    ``TIERPOOL_NAMESPACE=a,b,c tierpool worker`` does with ``METRICS_PORT``.
+    """
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65_535 or base <= 6379 < base + n:
+            continue
+        try:
+            for port in range(base + 1, base + n):
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 class RedisProcess:
     """One private redis-server process. ``restart()`` keeps the port, loses the data."""
 

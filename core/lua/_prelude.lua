@@ -200,15 +200,11 @@ end
 -- never overwrites a reply). ``payload``: the
 -- entry's fields as JSON when the caller has them (reject.lua: masked, and
 -- cut when oversized); nil reads them back from the stream.
--- URL userinfo masked as core/masking.py masks it (user kept, password ***;
--- a user name alone ***): dead letters written here copy a producer's fields
--- verbatim, and a URL with credentials must not be kept in them.
+-- URL userinfo masked as core/masking.py masks it (the whole userinfo: ***):
+-- dead letters written here copy a producer's fields verbatim, and a URL
+-- with credentials must not be kept in them.
 local function mask_userinfo(text)
-  return (string.gsub(text, "(%a[%w%+%.%-]*://)([^%s/?#@'\"<>\\`]*)@", function(scheme, ui)
-    local user = string.match(ui, '^([^:]*):')
-    if user then return scheme .. user .. ':***@' end
-    return scheme .. '***@'
-  end))
+  return (string.gsub(text, "(%a[%w%+%.%-]*://)[^%s/?#@'\"<>\\`]*@", "%1***@"))
 end
 
 local function dead_letter(err, deliveries, payload)
