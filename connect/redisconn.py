@@ -174,23 +174,27 @@ def connect(
     *,
     client_name: str | None = None,
     max_connections: int = 64,
-    retries: int = RETRIES,
-    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    retries: int | None = None,
+    connect_timeout_s: float | None = None,
     namespace: str | None = None,
 ) -> Redis:
     """An asyncio client with ``decode_responses=True`` and connection retries.
 
     ``target`` is a URL (standalone Redis) or a :class:`RedisTarget`
-    (``Settings.redis_target``), which may name Sentinels. ``retries`` and
-    ``connect_timeout_s`` are the anchor's ``REDIS_MAX_RETRIES`` and
-    ``REDIS_DIAL_TIMEOUT`` (same defaults) when a worker passes its settings.
+    (``Settings.redis_target``), which may name Sentinels and carries the
+    anchor's ``REDIS_MAX_RETRIES`` and ``REDIS_DIAL_TIMEOUT``; ``retries`` and
+    ``connect_timeout_s``, when given, override the target's.
 
     On a Redis Cluster the client serves one ``namespace``: every connection
     goes to the node that serves its slot (``core.clusterslot``). Without a
     namespace, connecting to a cluster fails with a message saying so.
     """
     if isinstance(target, str):
-        target = RedisTarget(target)
+        target = RedisTarget(target, retries=RETRIES, connect_timeout_s=CONNECT_TIMEOUT_S)
+    if retries is None:
+        retries = target.retries
+    if connect_timeout_s is None:
+        connect_timeout_s = target.connect_timeout_s
     options: dict[str, Any] = {
         "decode_responses": True,
         "encoding_errors": "replace",  # producers' non-UTF-8 bytes become U+FFFD, never a crash

@@ -41,6 +41,10 @@ class RedisTarget:
     sentinel_master: str = "mymaster"
     cluster: ClusterMode = "auto"
     """Redis Cluster: ``auto`` asks the server (``HELLO``), ``yes``/``no`` force it."""
+    retries: int = 3
+    """The anchor's ``REDIS_MAX_RETRIES``: retries of a command whose connection failed."""
+    connect_timeout_s: float = 5.0
+    """The anchor's ``REDIS_DIAL_TIMEOUT``."""
 
     def sentinel_addresses(self) -> list[tuple[str, int]]:
         out = []

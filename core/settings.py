@@ -645,9 +645,17 @@ class Settings:
 
     @property
     def redis_target(self) -> RedisTarget:
-        """Where Redis is: what ``core.redisconn.connect`` takes."""
+        """Where Redis is, and the anchor's retry and dial settings: what
+        ``tierpool.connect.redisconn.connect`` takes, so every command that
+        connects from its settings honours ``REDIS_MAX_RETRIES`` and
+        ``REDIS_DIAL_TIMEOUT``."""
         return RedisTarget(
-            self.redis_url, self.redis_sentinels, self.redis_sentinel_master, self.redis_cluster
+            self.redis_url,
+            self.redis_sentinels,
+            self.redis_sentinel_master,
+            self.redis_cluster,
+            retries=self.redis_max_retries,
+            connect_timeout_s=self.redis_dial_timeout_s,
         )
 
     def tier_config(self) -> TierConfig:

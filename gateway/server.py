@@ -144,8 +144,6 @@ class GatewayServer:
             s.redis_target,  # Sentinels or a cluster, as every component
             namespace=s.namespace,
             client_name="tierpool-gateway",
-            retries=s.redis_max_retries,  # the anchor's REDIS_MAX_RETRIES / REDIS_DIAL_TIMEOUT
-            connect_timeout_s=s.redis_dial_timeout_s,
         )
         try:
             with anyio.fail_after(START_PING_TIMEOUT_S):
@@ -221,8 +219,6 @@ async def serve(settings: Settings, port: int | None = None) -> None:
         settings.redis_target,
         namespace=settings.namespace,
         client_name="tierpool-gateway",
-        retries=settings.redis_max_retries,
-        connect_timeout_s=settings.redis_dial_timeout_s,
     )
     try:
         with anyio.fail_after(START_PING_TIMEOUT_S):

@@ -536,6 +536,17 @@ def test_redis_retries_and_dial_timeout_reach_the_connection() -> None:
         .get_retries()
         == 3
     )
+    # Every other component connects from Settings.redis_target too: the client
+    # library (pod agent, pod-sim, gateway) and the CLI honour them the same way.
+    from tierpool.client import TierpoolClient
+    from tierpool.connect.redisconn import connect
+
+    client = TierpoolClient.from_url(settings.redis_target, namespace="m")
+    kwargs = client.redis.connection_pool.connection_kwargs
+    assert kwargs["socket_connect_timeout"] == 2 and kwargs["retry"].get_retries() == 7
+    cli = connect(settings.redis_target, client_name="tierpool-cli-status")
+    kwargs = cli.connection_pool.connection_kwargs
+    assert kwargs["socket_connect_timeout"] == 2 and kwargs["retry"].get_retries() == 7
 
 
 # --- the migration guide ------------------------------------------------------------

@@ -78,8 +78,6 @@ class WorkerContext:
         redis = connect(
             settings.redis_target,
             client_name=f"tierpool:{wid}",
-            retries=settings.redis_max_retries,
-            connect_timeout_s=settings.redis_dial_timeout_s,
             namespace=settings.namespace,
         )
         cache = ConfigCache(redis, keys, settings)
