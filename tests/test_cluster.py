@@ -13,10 +13,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import random
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -28,13 +27,12 @@ from redis.exceptions import MovedError
 
 from tests.conftest import wait_for
 from tests.invariants import violations
+from tests.loadharness import CallLoad
 from tests.procs import WorkerPool
 from tierpool.client.client import TierpoolClient
 from tierpool.client.podagent import PodAgent
 from tierpool.connect.clusterslot import namespace_slot
 from tierpool.connect.redisconn import connect, is_cluster
-from tierpool.core.clock import monotonic_s
-from tierpool.core.errors import RedisUnavailable, RequestTimeout
 from tierpool.core.keys import Keys
 from tierpool.core.redistarget import RedisTarget
 from tierpool.core.settings import Settings
@@ -288,52 +286,6 @@ async def _through(
     never gets an answer. An exclusive pod must never serve two live calls.
     """
     keys = Keys(name)
-    ok_at: list[float] = []
-    timeouts = 0
-    unanswered: list[str] = []
-    holders: dict[str, set[str]] = {}
-    live: dict[str, str] = {}
-    double_booked: list[str] = []
-    seq = 0
-
-    async def answered(op: str, call: str, send: object) -> object:
-        nonlocal timeouts
-        deadline = monotonic_s() + RECOVERY_LIMIT_S + 10
-        while monotonic_s() < deadline:
-            try:
-                return await send()  # type: ignore[operator]
-            except (RequestTimeout, RedisUnavailable):
-                timeouts += 1
-                await anyio.sleep(0.05)
-        unanswered.append(f"{op} {call}")
-        return None
-
-    async def load(loop: int, stop: anyio.Event) -> None:
-        nonlocal seq
-        rng = random.Random(loop)
-        while not stop.is_set():
-            seq += 1
-            call = f"L{loop}-{seq}"
-            reply = await answered(
-                "allocate", call, lambda call=call: c.allocate(call, timeout_s=TIMEOUT_S)
-            )
-            if reply is None or reply.status != "allocated" or reply.pod_id is None:  # type: ignore[attr-defined]
-                await anyio.sleep(0.02)
-                continue
-            pod: str = reply.pod_id  # type: ignore[attr-defined]
-            if reply.pool == "gold":  # type: ignore[attr-defined]
-                if holders.get(pod):
-                    double_booked.append(f"{pod}: {call} while {sorted(holders[pod])}")
-                holders.setdefault(pod, set()).add(call)
-            live[call] = pod
-            agents[pod].call_started(call)
-            ok_at.append(monotonic_s())
-            await anyio.sleep(6.0 if loop >= LOOPS else rng.choice((0.002, 0.01, 0.05)))
-            holders.get(pod, set()).discard(call)
-            await answered("release", call, lambda call=call: c.release(call, timeout_s=TIMEOUT_S))
-            del live[call]
-            agents[pod].call_ended(call)
-
     # POD_TTL longer than a failover (as the 15 s default is): pods silent while
     # Redis was away are not declared gone, which would only add rejections
     env = {**FAST_ENV, "POD_TTL": "10s", "TIERPOOL_HEARTBEAT": "250ms"}
@@ -351,27 +303,21 @@ async def _through(
                 }
                 for agent in agents.values():
                     await tg.start(agent.run)
-                stop = anyio.Event()
-                for i in range(LOOPS + LONG_LOOPS):
-                    tg.start_soon(load, i, stop)
-                await wait_for(lambda: _at_least(ok_at, 100), timeout_s=30)
-                held_at_kill = dict(live)
-                t_kill = monotonic_s()
-                await anyio.to_thread.run_sync(disrupt)
-                t_done = monotonic_s()
-                await wait_for(
-                    lambda: _at_least(ok_at, 1, after=t_kill + 0.05),
-                    timeout_s=RECOVERY_LIMIT_S + 10,
-                    interval_s=0.05,
+                load = CallLoad(
+                    c,
+                    agents,
+                    give_up_s=RECOVERY_LIMIT_S + 10,
+                    short_holds_s=(0.002, 0.01, 0.05),
+                    long_hold_s=6.0,
                 )
-                t_first = min(t for t in ok_at if t > t_kill + 0.05)
-                await anyio.sleep(1.0)
-                holding = [x for x in held_at_kill if x in live]
-                known = await sr.hgetall(keys.calls)
-                forgotten = [x for x in holding if x not in known]
-                await wait_for(lambda: _at_least(ok_at, 100, after=t_first), timeout_s=30)
-                stop.set()
-                await wait_for(lambda: _empty(live), timeout_s=30)
+                d = await load.through(
+                    disrupt,
+                    sr,
+                    keys,
+                    loops=LOOPS,
+                    long_loops=LONG_LOOPS,
+                    recovery_limit_s=RECOVERY_LIMIT_S,
+                )
                 for agent in agents.values():
                     tg.start_soon(agent.shutdown, 2.0)
             assert all(w.alive() for w in workers), "a worker died instead of following"
@@ -380,34 +326,25 @@ async def _through(
             broken = await violations(sr, keys, config, now_ms=now_ms, pod_ttl_ms=10_000)
         finally:
             await sr.aclose()
-    recovery_s = t_first - t_kill
-    after = sorted(t for t in ok_at if t > t_kill - 1.0)
+    after = sorted(t for t in load.ok_at if t > d.t_kill - 1.0)
     gap, gap_at = max(
-        ((b - a, a - t_kill) for a, b in itertools.pairwise(after)), default=(0.0, 0.0)
+        ((b - a, a - d.t_kill) for a, b in itertools.pairwise(after)), default=(0.0, 0.0)
     )
     print(
-        f"\n[{what}] namespace {name} under load; disruption took {t_done - t_kill:.2f}s; "
-        f"first allocation {recovery_s:.2f}s after it began; longest pause between "
+        f"\n[{what}] namespace {name} under load; disruption took {d.t_done - d.t_kill:.2f}s; "
+        f"first allocation {d.recovery_s:.2f}s after it began; longest pause between "
         f"allocations {gap:.2f}s ({gap_at:+.2f}s from the start); "
-        f"{timeouts} request timeouts retried; "
-        f"{len(unanswered)} never answered; {len(held_at_kill)} calls live when it began, "
-        f"{len(holding)} still held after, {len(forgotten)} unknown to Redis; client "
+        f"{load.timeouts} request timeouts retried; "
+        f"{len(load.unanswered)} never answered; {len(d.held_at_kill)} calls live when it began, "
+        f"{len(d.holding)} still held after, {len(d.forgotten)} unknown to Redis; client "
         f"redirects {c.stats.redirects}, reconnects {c.stats.reconnects}; "
-        f"double-booked {len(double_booked)}"
+        f"double-booked {len(load.double_booked)}"
     )
-    assert recovery_s < RECOVERY_LIMIT_S
-    assert unanswered == [], unanswered
-    assert double_booked == [], double_booked
-    assert forgotten == [], forgotten
+    assert d.recovery_s < RECOVERY_LIMIT_S
+    assert load.unanswered == [], load.unanswered
+    assert load.double_booked == [], load.double_booked
+    assert d.forgotten == [], d.forgotten
     assert broken == [], broken
-
-
-async def _at_least(times: Sequence[float], n: int, after: float = 0.0) -> bool:
-    return sum(1 for t in times if t > after) >= n
-
-
-async def _empty(d: dict[str, str]) -> bool:
-    return not d
 
 
 async def test_unblock_goes_only_to_the_readers_node(redis_url: str) -> None:

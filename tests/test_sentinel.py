@@ -11,7 +11,6 @@ it, and whether the calls the client still holds are known to Redis.
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,12 +23,12 @@ from redis.asyncio.sentinel import SentinelManagedSSLConnection
 
 from tests.conftest import wait_for
 from tests.invariants import violations
+from tests.loadharness import CallLoad
 from tests.procs import KEYS, NAMESPACE, WorkerPool
 from tierpool.client.client import TierpoolClient
 from tierpool.client.podagent import PodAgent
 from tierpool.connect.redisconn import connect
 from tierpool.core.clock import monotonic_s
-from tierpool.core.errors import RedisUnavailable, RequestTimeout
 from tierpool.core.redistarget import RedisTarget
 from tierpool.core.settings import Settings
 from tierpool.core.tierconfig import parse_tier_config
@@ -110,57 +109,6 @@ async def test_connect_follows_the_master_the_sentinels_name(
 async def test_primary_killed_under_load(
     sentinel_setup: SentinelSetup, target: RedisTarget, sr: Redis, tmp_path: Path
 ) -> None:
-    ok_at: list[float] = []
-    failures = 0
-    calls = 0
-    holders: dict[str, set[str]] = {}  # exclusive pod -> calls it holds (not being released)
-    live: dict[str, str] = {}  # call -> pod, for every call allocated and not yet released
-    double_booked: list[str] = []
-    releasing: set[str] = set()
-
-    async def release(call: str) -> None:
-        nonlocal failures
-        pod = live[call]
-        releasing.add(call)
-        holders.get(pod, set()).discard(call)
-        while True:  # a release that timed out may not have happened: send it until answered
-            try:
-                await c.release(call, timeout_s=TIMEOUT_S)
-                break
-            except (RequestTimeout, RedisUnavailable):
-                failures += 1
-                await anyio.sleep(0.05)
-        del live[call]
-        releasing.discard(call)
-        agents[pod].call_ended(call)
-
-    async def load(loop: int, stop: anyio.Event) -> None:
-        nonlocal failures, calls
-        rng = random.Random(loop)
-        while not stop.is_set():
-            calls += 1
-            call = f"L{loop}-{calls}"
-            try:
-                reply = await c.allocate(call, timeout_s=TIMEOUT_S)
-            except (RequestTimeout, RedisUnavailable):
-                failures += 1
-                continue
-            if reply.status != "allocated" or reply.pod_id is None:
-                failures += 1
-                await anyio.sleep(0.02)
-                continue
-            pod = reply.pod_id
-            if reply.pool == "gold":
-                if holders.get(pod):
-                    double_booked.append(f"{pod}: {call} while {sorted(holders[pod])}")
-                holders.setdefault(pod, set()).add(call)
-            live[call] = pod
-            agents[pod].call_started(call)
-            ok_at.append(monotonic_s())
-            # short calls, and (loops past LOOPS) calls that outlive the failover
-            await anyio.sleep(8.0 if loop >= LOOPS else rng.choice((0.002, 0.005, 0.02, 0.3)))
-            await release(call)
-
     env = {
         "TIER_CONFIG": msgspec.json.encode(TIER_CONFIG).decode(),
         "POD_TTL": "10s",  # longer than a failover, as the 15 s default
@@ -180,29 +128,16 @@ async def test_primary_killed_under_load(
             }
             for agent in agents.values():
                 await tg.start(agent.run)
-            stop = anyio.Event()
-            for i in range(LOOPS + LONG_LOOPS):
-                tg.start_soon(load, i, stop)
-            await wait_for(lambda: _at_least(ok_at, 100), timeout_s=30)
-
-            held_at_kill = dict(live)
-            t_kill = monotonic_s()
-            await anyio.to_thread.run_sync(lambda: sentinel_setup.primary.stop(kill=True))
-            await wait_for(
-                lambda: _at_least(ok_at, 1, after=t_kill + 0.05),
-                timeout_s=RECOVERY_LIMIT_S + 5,
-                interval_s=0.05,
+            load = CallLoad(c, agents, give_up_s=RECOVERY_LIMIT_S + 10)
+            d = await load.through(
+                lambda: sentinel_setup.primary.stop(kill=True),
+                sr,
+                KEYS,
+                loops=LOOPS,
+                long_loops=LONG_LOOPS,
+                recovery_limit_s=RECOVERY_LIMIT_S,
             )
-            t_first = min(t for t in ok_at if t > t_kill + 0.05)
             promoted = sentinel_setup.master_port()
-            await anyio.sleep(1.0)  # every pod has heartbeated its calls a few times
-            # calls allocated before the kill and held since: Redis must still know them
-            holding = [call for call in held_at_kill if call in live and call not in releasing]
-            known = await sr.hgetall(KEYS.calls)
-            forgotten = [call for call in holding if call not in known]
-            await wait_for(lambda: _at_least(ok_at, 100, after=t_first), timeout_s=30)
-            stop.set()
-            await wait_for(lambda: _empty(live), timeout_s=15)  # the loops release what they hold
             for agent in agents.values():
                 tg.start_soon(agent.shutdown, 2.0)
         assert all(w.alive() for w in workers), "a worker died instead of following the failover"
@@ -210,29 +145,22 @@ async def test_primary_killed_under_load(
         config = parse_tier_config(msgspec.json.encode(TIER_CONFIG).decode(), version=1)
         broken = await violations(sr, KEYS, config, now_ms=now_ms, pod_ttl_ms=10_000)
 
-    recovery_s = t_first - t_kill
     print(
         f"\n[sentinel failover] primary killed under load; allocations resumed "
-        f"{recovery_s:.2f}s after the kill (new master port {promoted}, replica "
-        f"{sentinel_setup.replica.port}); {failures} requests timed out or not placed meanwhile; "
-        f"{len(held_at_kill)} calls live at the kill, {len(holding)} still held 1s after the "
-        f"first allocation, {len(forgotten)} of them unknown to Redis; "
+        f"{d.recovery_s:.2f}s after the kill (new master port {promoted}, replica "
+        f"{sentinel_setup.replica.port}); {load.timeouts} request timeouts resent, "
+        f"{len(load.unanswered)} never answered; "
+        f"{len(d.held_at_kill)} calls live at the kill, {len(d.holding)} still held 1s after the "
+        f"first allocation, {len(d.forgotten)} of them unknown to Redis; "
         f"client reconnects {c.stats.reconnects}; "
-        f"double-booked {len(double_booked)}"
+        f"double-booked {len(load.double_booked)}"
     )
     assert promoted == sentinel_setup.replica.port
-    assert recovery_s < RECOVERY_LIMIT_S
-    assert double_booked == [], double_booked
-    assert forgotten == [], forgotten
+    assert d.recovery_s < RECOVERY_LIMIT_S
+    assert load.unanswered == [], load.unanswered
+    assert load.double_booked == [], load.double_booked
+    assert d.forgotten == [], d.forgotten
     assert broken == [], broken
-
-
-async def _at_least(times: list[float], n: int, after: float = 0.0) -> bool:
-    return sum(1 for t in times if t > after) >= n
-
-
-async def _empty(d: dict[str, str]) -> bool:
-    return not d
 
 
 async def test_sentinel_connections_take_the_urls_credentials_and_tls() -> None:
