@@ -132,9 +132,11 @@ def test_progress_line() -> None:
     assert "Redis not answering" in progress_line(1.0, 1.0, (0, 0, []), None)
     # Regression (issue 14.16): the leader's figures lag; live calls are read
     # now, and pool figures older than an interval say how old they are.
-    old = dataclasses.replace(view, now_ms=2_500)
-    line = progress_line(3.0, 1.0, window, old, live_calls=4)
-    assert "calls   4" in line and "(pools as of 2.5s ago)" in line
+    line = progress_line(3.0, 1.0, window, dataclasses.replace(view, now_ms=2_500), 4)
+    assert "calls   4" in line and "as of" not in line  # within the leader's 2 s cadence
+    old = dataclasses.replace(view, now_ms=4_500)
+    line = progress_line(5.0, 1.0, window, old, live_calls=4)
+    assert "calls   4" in line and "(pools as of 4.5s ago)" in line
     assert percentile([], 0.5) is None
 
 

@@ -57,6 +57,7 @@ from tierpool.workers import http
 from tierpool.workers.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from tierpool.workers.fakeserver import FakeRedisServer, FakeRedisUnavailable
 from tierpool.workers.gauges import ClusterView, read_view
+from tierpool.workers.leader import GAUGES_INTERVAL_S
 from tierpool.workers.metrics import percentile
 from tierpool.workers.redisproc import RedisNotInstalled, RedisProcess, free_port
 
@@ -182,8 +183,9 @@ def progress_line(
     """One progress line: rates, allocate latency, live calls, pools, leader.
 
     ``live_calls`` is read now; the pool figures are the leader's last ones
-    (every couple of seconds), so the line says how old they are when they
-    are older than a progress interval rather than pass them off as current.
+    (every ``GAUGES_INTERVAL_S``), so the line says how old they are when they
+    are older than that cadence allows (no leader, or a leader that stalls)
+    rather than pass them off as current.
     """
     allocated, rejected, latencies = window
     parts = [
@@ -208,7 +210,7 @@ def progress_line(
             or "no pods in any pool"
         )
         age_s = max(0.0, (view.now_ms - view.gauges_at_ms) / 1000)
-        if age_s > interval_s:
+        if age_s > interval_s + GAUGES_INTERVAL_S:  # older than the leader's own cadence
             pools = f"{pools} (pools as of {age_s:.1f}s ago)"
         calls = view.active_calls if live_calls is None else live_calls
         parts += [f"calls {calls:3d}", pools, f"leader {view.leader_holder or 'none'}"]
